@@ -1,0 +1,1 @@
+"""Pure-torch core of comfyui-waifu: models, samplers and loaders, importable without ComfyUI."""

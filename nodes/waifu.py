@@ -1,0 +1,350 @@
+"""Waifu nodes: declarations only; the work happens in ..waifukit (pure torch) and .host (ComfyUI glue).
+
+Node ids and widget order are public API (saved workflows store widget values by position): never rename
+or reorder, only append optional inputs.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+import comfy.model_management as mm
+import folder_paths
+import latent_preview
+
+from ..waifukit.flow import flow_sigmas, initial_noise, sample_flow_euler
+from ..waifukit.loading import CheckpointError, is_waifu_snapshot
+from ..waifukit.registry import FETCH_HINT, WAIFU_BUCKETS, bucket_label
+from . import host
+
+CATEGORY = "waifu"
+MAX_SIDE = 8192
+
+
+def _snapshots() -> list[str]:
+    """Folders under models/diffusers holding a Waifu snapshot (transformer/, text_encoder/, vae/)."""
+    found = []
+    for base in folder_paths.get_folder_paths("diffusers"):
+        if not os.path.isdir(base):
+            continue
+        for root, dirs, _ in os.walk(base, followlinks=True):
+            if is_waifu_snapshot(Path(root)):
+                found.append(os.path.relpath(root, base))
+                dirs[:] = []
+            elif os.path.relpath(root, base).count(os.sep) >= 2:
+                dirs[:] = []
+    return sorted(found)
+
+
+def _snapshot_path(name: str) -> Path:
+    for base in folder_paths.get_folder_paths("diffusers"):
+        p = Path(base) / name
+        if is_waifu_snapshot(p):
+            return p
+    raise CheckpointError(f"models/diffusers/{name}: no Waifu snapshot there (needs transformer/, text_encoder/, "
+                          f"tokenizer/, vae/, scheduler/). {FETCH_HINT}")
+
+
+def _file(kind: str, name: str) -> Path:
+    path = folder_paths.get_full_path(kind, name)
+    if path is None:
+        raise CheckpointError(f"models/{kind}/{name}: file not found. {FETCH_HINT}")
+    return Path(path)
+
+
+def _text_encoder_choices() -> list[str]:
+    files = folder_paths.get_filename_list("text_encoders")
+    dirs = []
+    for base in folder_paths.get_folder_paths("text_encoders"):
+        if os.path.isdir(base):
+            dirs += [d for d in sorted(os.listdir(base)) if os.path.isdir(os.path.join(base, d))
+                     and any(f.endswith(".safetensors") for f in os.listdir(os.path.join(base, d)))]
+    return files + dirs
+
+
+def _text_encoder_path(name: str) -> Path:
+    for base in folder_paths.get_folder_paths("text_encoders"):
+        if os.path.isdir(os.path.join(base, name)):
+            return Path(base) / name
+    return _file("text_encoders", name)
+
+
+DTYPE_INPUT = (host.DTYPE_CHOICES, {"default": "auto", "tooltip": "Weight/compute dtype. auto: fp32 on CPU, "
+                                                                  "bf16 (or fp16) on GPUs, as ComfyUI decides."})
+
+
+class WaifuSnapshotLoader:
+    DESCRIPTION = "Loads the AiArtLab/waifu-2b snapshot folder (models/diffusers/waifu-2b): DiT, text encoder, VAE."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "snapshot": (_snapshots(), {"tooltip": "A folder under models/diffusers with transformer/, "
+                                                   "text_encoder/, tokenizer/, vae/ and scheduler/. " + FETCH_HINT}),
+            "dtype": DTYPE_INPUT,
+        }}
+
+    RETURN_TYPES = ("MODEL", "MEXMA_SIGLIP", "VAE")
+    RETURN_NAMES = ("model", "text_encoder", "vae")
+    OUTPUT_TOOLTIPS = ("The Linear DiT with flow sampling (shift from the snapshot's scheduler config).",
+                       "The MEXMA-SigLIP text tower (XLM-R) and its tokenizer.",
+                       "The AuraDiffusion 16-channel VAE.")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, snapshot, dtype):
+        root = _snapshot_path(snapshot)
+        return (host.load_dit(root, dtype), host.load_text_encoder(root, dtype), host.load_vae(root / "vae", dtype))
+
+
+class LinearDiTLoader:
+    DESCRIPTION = "Loads a Waifu/Sana Linear DiT single file (diffusers or original Sana keys) as a MODEL."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unet_name": (folder_paths.get_filename_list("diffusion_models"),
+                          {"tooltip": "A file in models/diffusion_models: the waifu-2b transformer "
+                                      "(.safetensors) or an original Sana-layout checkpoint (.safetensors or .pth)."}),
+            "dtype": DTYPE_INPUT,
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The Linear DiT with flow sampling (shift 3.0 unless a sampler overrides it).",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, unet_name, dtype):
+        return (host.load_dit(_file("diffusion_models", unet_name), dtype),)
+
+
+class MexmaSigLIPLoader:
+    DESCRIPTION = ("Loads the MEXMA-SigLIP text tower (XLM-R-large) from models/text_encoders; the tokenizer "
+                   "(tokenizer.json) must sit beside it.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder_name": (_text_encoder_choices(),
+                                  {"tooltip": "A text-encoder file (or folder) in models/text_encoders. The tokenizer "
+                                              "is looked for in <name>_tokenizer/, <name>.tokenizer.json, tokenizer/ or "
+                                              "tokenizer.json beside it."}),
+            "dtype": DTYPE_INPUT,
+        }}
+
+    RETURN_TYPES = ("MEXMA_SIGLIP",)
+    RETURN_NAMES = ("text_encoder",)
+    OUTPUT_TOOLTIPS = ("The MEXMA-SigLIP text tower and its tokenizer.",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, text_encoder_name, dtype):
+        return (host.load_text_encoder(_text_encoder_path(text_encoder_name), dtype),)
+
+
+class AuraVAE16Loader:
+    DESCRIPTION = "Loads the AuraDiffusion 16-channel VAE (diffusers or LDM keys) from models/vae."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae_name": (folder_paths.get_filename_list("vae"),
+                         {"tooltip": "A 16-channel AutoencoderKL file in models/vae "
+                                     "(e.g. AuraDiffusion/16ch-vae diffusion_pytorch_model.safetensors)."}),
+            "dtype": DTYPE_INPUT,
+        }}
+
+    RETURN_TYPES = ("VAE",)
+    OUTPUT_TOOLTIPS = ("A ComfyUI VAE: works with AuraVAE16Decode and with the stock VAEDecode/VAEEncode.",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, vae_name, dtype):
+        return (host.load_vae(_file("vae", vae_name), dtype),)
+
+
+class MexmaSigLIPEncode:
+    DESCRIPTION = ("Encodes a prompt (any of XLM-R's ~100 languages) to per-token MEXMA-SigLIP states for Waifu. "
+                   "The prompt is lower-cased and stripped, as the reference pipeline does; empty is valid.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder": ("MEXMA_SIGLIP", {"tooltip": "From a Waifu snapshot loader or MexmaSigLIPLoader."}),
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
+                                "tooltip": "The prompt. Leave empty for the negative (Waifu's default)."}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("Per-token hidden states [1,512,1024] with the attention mask in the dict.",)
+    FUNCTION = "encode"
+    CATEGORY = CATEGORY
+
+    def encode(self, text_encoder, text):
+        hidden, mask = text_encoder.encode([text.lower().strip()])
+        return ([[hidden, {"attention_mask": mask}]],)
+
+
+def _check_size(name: str, value: int):
+    if value % 64 != 0 or not 64 <= value <= MAX_SIDE:
+        nearest = min(max(64, round(value / 64) * 64), MAX_SIDE)
+        return f"{name} must be a multiple of 64 between 64 and {MAX_SIDE} (Waifu's patch grid); got {value}, nearest valid: {nearest}"
+    return None
+
+
+def _cond(conditioning, batch: int, which: str):
+    if not conditioning:
+        raise ValueError(f"{which} conditioning is empty: connect a MexmaSigLIPEncode output")
+    tensor, extras = conditioning[0][0], conditioning[0][1]
+    mask = extras.get("attention_mask")
+    if tensor.ndim != 3:
+        raise ValueError(f"{which} conditioning has shape {tuple(tensor.shape)}; expected per-token states [B,L,D] "
+                         "from MexmaSigLIPEncode")
+    if mask is None:
+        mask = torch.ones(tensor.shape[:2], dtype=torch.long)
+    if tensor.shape[0] not in (1, batch):
+        raise ValueError(f"{which} conditioning has batch {tensor.shape[0]}, the latent has {batch}")
+    if tensor.shape[0] == 1 and batch > 1:
+        tensor, mask = tensor.expand(batch, -1, -1), mask.expand(batch, -1)
+    return tensor, mask
+
+
+class LinearDiTSampler:
+    DESCRIPTION = ("Samples Waifu with flow-Euler exactly as the reference pipeline (diffusers' FlowMatchEuler "
+                   "schedule, CFG batch [negative, positive]). Seeds match the reference: the initial noise is drawn "
+                   "on the CPU for the whole batch.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A Waifu Linear DiT."}),
+            "positive": ("CONDITIONING", {"tooltip": "MexmaSigLIPEncode of the prompt."}),
+            "negative": ("CONDITIONING", {"tooltip": "MexmaSigLIPEncode of the negative prompt (\"\" by default)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                             "tooltip": "torch.randn on a CPU generator seeded with this, whole batch at once."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Euler steps (Waifu default 20)."}),
+            "cfg": ("FLOAT", {"default": 4.5, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance scale (Waifu default 4.5; 1 skips the negative)."}),
+            "width": ("INT", {"default": 512, "min": 64, "max": MAX_SIDE, "step": 64,
+                              "tooltip": "Image width in pixels, a multiple of 64. Ignored when latent_image is given."}),
+            "height": ("INT", {"default": 512, "min": 64, "max": MAX_SIDE, "step": 64,
+                               "tooltip": "Image height in pixels, a multiple of 64. Ignored when latent_image is given."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                   "tooltip": "Images per run. Ignored when latent_image is given."}),
+            "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.05,
+                                "tooltip": "Flow shift of the sigma schedule. 0 = the checkpoint's own "
+                                           "(scheduler_config.json; 3.0 for waifu-2b)."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                  "tooltip": "1.0 = text-to-image. Below 1 with latent_image: image-to-image, "
+                                             "running the last `steps` of a steps/denoise schedule."}),
+        }, "optional": {
+            "latent_image": ("LATENT", {"tooltip": "Start from this latent (VAEEncode of an image) for img2img; "
+                                                   "sets size and batch."}),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("Raw 16-channel VAE latents (decode with AuraVAE16Decode or VAEDecode).",)
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height):
+        # Naming width/height here turns off ComfyUI's own range check for them, so _check_size does both.
+        return _check_size("width", width) or _check_size("height", height) or True
+
+    def sample(self, model, positive, negative, seed, steps, cfg, width, height, batch_size, shift, denoise,
+               latent_image=None):
+        base = model.model
+        fmt = base.latent_format
+        if latent_image is not None:
+            start = latent_image["samples"]
+            if start.ndim != 4 or start.shape[1] != fmt.latent_channels:
+                raise ValueError(f"latent_image has shape {tuple(start.shape)}; Waifu needs "
+                                 f"{fmt.latent_channels}-channel latents [B,{fmt.latent_channels},H/8,W/8]")
+            shape = tuple(start.shape)
+        else:
+            shape = (batch_size, fmt.latent_channels, height // 8, width // 8)
+            start = None
+        sigmas = flow_sigmas(steps, shift or float(base.model_sampling.shift), denoise=denoise)
+        noise = initial_noise(shape, seed)
+        x = noise if start is None or sigmas[0] == 1.0 else sigmas[0] * noise + (1 - sigmas[0]) * fmt.process_in(start.float())
+
+        cond, cond_mask = _cond(positive, shape[0], "positive")
+        uncond, uncond_mask = _cond(negative, shape[0], "negative")
+
+        mm.load_models_gpu([model])
+        device = model.load_device
+        dit = base.diffusion_model
+        dtype = base.manual_cast_dtype or base.get_dtype()
+        preview = latent_preview.prepare_callback(model, steps)
+
+        def model_fn(xb, t, ctx, mask):
+            mm.throw_exception_if_processing_interrupted()
+            return dit(xb.to(dtype), t, ctx.to(dtype), attention_mask=mask)
+
+        def callback(i, x0, x_next):
+            preview(i, x0, x_next, steps)
+
+        with torch.inference_mode():
+            out = sample_flow_euler(model_fn, x.to(device), sigmas.to(device), cond.to(device), cond_mask.to(device),
+                                    uncond.to(device), uncond_mask.to(device), cfg, callback)
+        return ({"samples": fmt.process_out(out).to(mm.intermediate_device())},)
+
+
+class WaifuEmptyLatent:
+    DESCRIPTION = "An empty 16-channel latent at one of Waifu's 64-px aspect buckets (sides 384-768)."
+    _LABELS = [bucket_label(w, h) for w, h in WAIFU_BUCKETS]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "bucket": (cls._LABELS, {"default": bucket_label(512, 512),
+                                     "tooltip": "Width x height; Waifu trained on these 64-px buckets."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run."}),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("Zeros [B,16,H/8,W/8]; connect to LinearDiTSampler's latent_image (or KSampler).",)
+    FUNCTION = "generate"
+    CATEGORY = CATEGORY
+
+    def generate(self, bucket, batch_size):
+        w, h = WAIFU_BUCKETS[self._LABELS.index(bucket)]
+        return ({"samples": torch.zeros([batch_size, 16, h // 8, w // 8], device=mm.intermediate_device())},)
+
+
+class AuraVAE16Decode:
+    DESCRIPTION = "Decodes raw 16-channel latents with the AuraDiffusion VAE (no extra scaling: LATENT is raw)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "samples": ("LATENT", {"tooltip": "Raw 16-channel latents, e.g. from LinearDiTSampler."}),
+            "vae": ("VAE", {"tooltip": "The 16-channel VAE (snapshot loader or AuraVAE16Loader)."}),
+        }}
+
+    RETURN_TYPES = ("IMAGE",)
+    OUTPUT_TOOLTIPS = ("Images [B,H,W,3] in 0..1.",)
+    FUNCTION = "decode"
+    CATEGORY = CATEGORY
+
+    def decode(self, samples, vae):
+        z = samples["samples"]
+        if z.ndim != 4 or z.shape[1] != vae.latent_channels:
+            raise ValueError(f"latent has shape {tuple(z.shape)}; this VAE decodes {vae.latent_channels}-channel "
+                             "latents [B,C,H/8,W/8]")
+        return (vae.decode(z),)
+
+
+NODES = {
+    "WaifuSnapshotLoader": (WaifuSnapshotLoader, "Load Waifu Snapshot (diffusers folder)"),
+    "LinearDiTLoader": (LinearDiTLoader, "Load Linear DiT (Waifu)"),
+    "MexmaSigLIPLoader": (MexmaSigLIPLoader, "Load MEXMA-SigLIP Text Encoder"),
+    "AuraVAE16Loader": (AuraVAE16Loader, "Load AuraDiffusion 16ch VAE"),
+    "MexmaSigLIPEncode": (MexmaSigLIPEncode, "MEXMA-SigLIP Text Encode"),
+    "LinearDiTSampler": (LinearDiTSampler, "Linear DiT Sampler (flow-Euler)"),
+    "WaifuEmptyLatent": (WaifuEmptyLatent, "Empty Waifu Latent (aspect buckets)"),
+    "AuraVAE16Decode": (AuraVAE16Decode, "AuraDiffusion 16ch VAE Decode"),
+}

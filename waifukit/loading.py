@@ -1,0 +1,191 @@
+"""Reading checkpoints safely, and resolving the published Waifu layouts to (params, state dict).
+
+Layouts: the AiArtLab/waifu-2b snapshot folder (transformer/, text_encoder/, tokenizer/, vae/, scheduler/,
+``*.fp16.safetensors``), single files, and the original Sana layout (.safetensors or a .pth loaded with
+``weights_only=True``). Nothing here touches the network. Every failure is a ``CheckpointError`` naming the
+file and the fix.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .flow import FlowScheduleConfig
+from .registry import FETCH_HINT
+
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says which file and what to do."""
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found. {FETCH_HINT}")
+    suffix = path.suffix.lower()
+    if suffix in SAFE_SUFFIXES:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it is probably truncated "
+                                  f"or corrupt: download it again. {FETCH_HINT}") from None
+    if suffix in PICKLE_SUFFIXES:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses arbitrary pickles; anything else is a bad file
+            raise CheckpointError(f"{path}: could not be read as a weights-only torch checkpoint ({e}). "
+                                  f"Use the .safetensors release of this model instead.") from None
+        for key in ("state_dict", "model", "module", "ema"):
+            if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+            raise CheckpointError(f"{path}: does not hold a state dict of tensors")
+        return obj
+    raise CheckpointError(f"{path}: unsupported file type {suffix!r}; expected .safetensors (or .pth/.ckpt)")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable JSON ({e})") from None
+
+
+# Weight file names in preference order: the published snapshot ships the fp16 variants.
+_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                 "model.safetensors", "model.fp16.safetensors")
+
+
+def find_weights(folder: Path) -> Path:
+    for name in _WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    found = sorted(folder.glob("*.safetensors")) + sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise CheckpointError(f"{folder}: no weights file (expected one of {', '.join(_WEIGHT_NAMES)}). {FETCH_HINT}")
+    raise CheckpointError(f"{folder}: several weight files ({', '.join(p.name for p in found)}); keep one")
+
+
+def _load_component(path: Path, sub: str) -> tuple[dict, Optional[dict], Path]:
+    """(state dict, config.json or None, weights file) for a file, a component folder or a snapshot root."""
+    path = Path(path)
+    if path.is_dir():
+        folder = path / sub if (path / sub).is_dir() else path
+        weights = find_weights(folder)
+    else:
+        folder, weights = path.parent, path
+    cfg_path = folder / "config.json"
+    # A config.json only counts when it sits in a component folder (the snapshot layout), not beside
+    # unrelated single files in models/<kind>/.
+    cfg = read_json(cfg_path) if cfg_path.is_file() and (path.is_dir() or weights.parent.name == sub) else None
+    return read_state_dict(weights), cfg, weights
+
+
+def _convert(fn, sd, weights: Path, family: str):
+    try:
+        return fn(sd)
+    except ValueError as e:
+        raise CheckpointError(f"{weights}: not a {family} checkpoint: {e}. Pick the right file for this loader.") from None
+
+
+@dataclass
+class Resolved:
+    params: object
+    state_dict: dict
+    source: Path
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_linear_dit(path: Path) -> Resolved:
+    from .sana import LinearDiTParams, to_sana_layout
+    sd, cfg, weights = _load_component(path, "transformer")
+    sd = _convert(to_sana_layout, sd, weights, "Waifu/Sana Linear DiT")
+    try:
+        params = LinearDiTParams.from_diffusers_config(cfg) if cfg else LinearDiTParams.infer(sd)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{weights}: unsupported transformer config: {e}") from None
+    shift = None
+    snapshot = weights.parent.parent if weights.parent.name == "transformer" else None
+    if snapshot is not None and (snapshot / "scheduler" / "scheduler_config.json").is_file():
+        sched = snapshot / "scheduler" / "scheduler_config.json"
+        try:
+            shift = FlowScheduleConfig.from_scheduler_config(read_json(sched)).shift
+        except ValueError as e:
+            raise CheckpointError(f"{sched}: {e}") from None
+    return Resolved(params, sd, weights, {"shift": shift})
+
+
+def resolve_text_encoder(path: Path, tokenizer: Optional[Path] = None) -> Resolved:
+    from .tokenizer import XLMRTokenizer
+    from .xlmr import XLMRobertaParams, to_native_layout
+    sd, cfg, weights = _load_component(path, "text_encoder")
+    sd = _convert(to_native_layout, sd, weights, "MEXMA-SigLIP / XLM-R text encoder")
+    try:
+        params = XLMRobertaParams.from_hf_config(cfg) if cfg else XLMRobertaParams.infer(sd)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{weights}: unsupported text-encoder config: {e}") from None
+    tok_path = tokenizer or find_tokenizer(weights)
+    try:
+        tok = XLMRTokenizer.from_path(tok_path)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{weights}: no tokenizer found: {e}") from None
+    return Resolved(params, sd, weights, {"tokenizer": tok})
+
+
+def find_tokenizer(weights: Path) -> Path:
+    """Where a tokenizer for a text-encoder file may sit: the snapshot's tokenizer/ folder, a folder or
+    ``<stem>.tokenizer.json`` beside a single file, or the file's own folder."""
+    folder, stem = weights.parent, weights.name.split(".")[0]
+    candidates = [folder.parent / "tokenizer", folder / f"{stem}.tokenizer.json", folder / f"{stem}_tokenizer",
+                  folder / "tokenizer", folder]
+    for c in candidates:
+        if (c.is_file() and c.suffix == ".json") or (c.is_dir() and (c / "tokenizer.json").is_file()):
+            return c
+    return candidates[0]  # the tokenizer loader then names what is missing
+
+
+def resolve_vae(path: Path) -> Resolved:
+    from .vae import AutoencoderKLParams, check_latent_channels, to_native_layout
+    sd, cfg, weights = _load_component(path, "vae")
+    sd = _convert(to_native_layout, sd, weights, "16-channel AutoencoderKL VAE")
+    try:
+        params = AutoencoderKLParams.from_diffusers_config(cfg) if cfg else AutoencoderKLParams.infer(sd)
+        check_latent_channels(params, expected=16, source=str(weights))
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{weights}: {e}") from None
+    return Resolved(params, sd, weights)
+
+
+def is_waifu_snapshot(folder: Path) -> bool:
+    return all((folder / sub).is_dir() for sub in ("transformer", "text_encoder", "vae"))
+
+
+def load_strict(module: torch.nn.Module, sd: dict, source: Path) -> None:
+    """Load every tensor, refusing missing/unexpected keys and shape mismatches with the file named."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    bad = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if bad:
+            parts.append(f"shape mismatches (e.g. {bad[:3]})")
+        raise CheckpointError(f"{source}: weights do not fit the model: {'; '.join(parts)}")
+    module.load_state_dict(sd, strict=True)

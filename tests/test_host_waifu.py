@@ -178,3 +178,37 @@ def test_bad_sizes_and_steps_rejected_before_running(host):
     assert code == 400 and "steps" in json.dumps(body)
     # And a good prompt still runs afterwards.
     assert len(run_ok(host, workflow(steps=1, width=64, height=64))) == 1
+
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def ui_to_api(ui: dict, object_info: dict) -> dict:
+    """What the frontend does on Queue: widget values by position, links by id (ComfyUI's rules for V1 nodes)."""
+    links = {link[0]: link for link in ui["links"]}
+    api = {}
+    for node in ui["nodes"]:
+        spec = object_info[node["type"]]["input"]
+        linked = {i["name"]: i["link"] for i in node.get("inputs", []) if i.get("link") is not None}
+        widgets = list(node.get("widgets_values", []))
+        inputs = {}
+        for section in ("required", "optional"):
+            for name, (typ, *opts) in spec.get(section, {}).items():
+                if name in linked:
+                    link = links[linked[name]]
+                    inputs[name] = [str(link[1]), link[2]]
+                elif isinstance(typ, list) or typ in WIDGET_TYPES:
+                    inputs[name] = widgets.pop(0)
+                    if opts and opts[0].get("control_after_generate"):
+                        widgets.pop(0)  # the "fixed/randomize" value stored after a seed
+        assert not widgets, f"node {node['id']} has {len(widgets)} widget values left over"
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return api
+
+
+def test_ui_workflow_is_the_api_workflow(host):
+    ui = json.loads((ROOT / "example_workflows" / "waifu_t2i.json").read_text())
+    info = host.get("/object_info")
+    assert all(node["type"] in info for node in ui["nodes"])
+    expected = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in API.items()}
+    assert ui_to_api(ui, info) == expected

@@ -1,6 +1,10 @@
-"""The thin ComfyUI layer: node declarations that call into ..waifukit."""
-from .waifu import NODES as _WAIFU
+"""The thin ComfyUI layer: node declarations that call into ..waifukit. One module per model family; each
+exports NODES = {node id: (class, display name)}."""
+from . import mexma, vae16, waifu
 
-NODES = {**_WAIFU}
+NODES = {}
+for _module in (waifu, mexma, vae16):
+    NODES.update(_module.NODES)
+
 NODE_CLASS_MAPPINGS = {key: cls for key, (cls, _) in NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {key: name for key, (_, name) in NODES.items()}

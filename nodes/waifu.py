@@ -1,12 +1,9 @@
-"""Waifu nodes: declarations only; the work happens in ..waifukit (pure torch) and .host (ComfyUI glue).
+"""Waifu nodes: declarations only; the work happens in ..waifukit (pure torch) and the *_host glue.
 
 Node ids and widget order are public API (saved workflows store widget values by position): never rename
 or reorder, only append optional inputs.
 """
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import torch
 
@@ -15,64 +12,12 @@ import folder_paths
 import latent_preview
 
 from ..waifukit.flow import flow_sigmas, initial_noise, sample_flow_euler
-from ..waifukit.loading import CheckpointError, is_waifu_snapshot
+from ..waifukit.loading import is_waifu_snapshot
 from ..waifukit.registry import FETCH_HINT, WAIFU_BUCKETS, bucket_label
-from . import host
+from . import mexma_host, vae16_host, waifu_host
+from .common import CATEGORY, DTYPE_INPUT, diffusers_folder, diffusers_folders, model_file
 
-CATEGORY = "waifu"
 MAX_SIDE = 8192
-
-
-def _snapshots() -> list[str]:
-    """Folders under models/diffusers holding a Waifu snapshot (transformer/, text_encoder/, vae/)."""
-    found = []
-    for base in folder_paths.get_folder_paths("diffusers"):
-        if not os.path.isdir(base):
-            continue
-        for root, dirs, _ in os.walk(base, followlinks=True):
-            if is_waifu_snapshot(Path(root)):
-                found.append(os.path.relpath(root, base))
-                dirs[:] = []
-            elif os.path.relpath(root, base).count(os.sep) >= 2:
-                dirs[:] = []
-    return sorted(found)
-
-
-def _snapshot_path(name: str) -> Path:
-    for base in folder_paths.get_folder_paths("diffusers"):
-        p = Path(base) / name
-        if is_waifu_snapshot(p):
-            return p
-    raise CheckpointError(f"models/diffusers/{name}: no Waifu snapshot there (needs transformer/, text_encoder/, "
-                          f"tokenizer/, vae/, scheduler/). {FETCH_HINT}")
-
-
-def _file(kind: str, name: str) -> Path:
-    path = folder_paths.get_full_path(kind, name)
-    if path is None:
-        raise CheckpointError(f"models/{kind}/{name}: file not found. {FETCH_HINT}")
-    return Path(path)
-
-
-def _text_encoder_choices() -> list[str]:
-    files = folder_paths.get_filename_list("text_encoders")
-    dirs = []
-    for base in folder_paths.get_folder_paths("text_encoders"):
-        if os.path.isdir(base):
-            dirs += [d for d in sorted(os.listdir(base)) if os.path.isdir(os.path.join(base, d))
-                     and any(f.endswith(".safetensors") for f in os.listdir(os.path.join(base, d)))]
-    return files + dirs
-
-
-def _text_encoder_path(name: str) -> Path:
-    for base in folder_paths.get_folder_paths("text_encoders"):
-        if os.path.isdir(os.path.join(base, name)):
-            return Path(base) / name
-    return _file("text_encoders", name)
-
-
-DTYPE_INPUT = (host.DTYPE_CHOICES, {"default": "auto", "tooltip": "Weight/compute dtype. auto: fp32 on CPU, "
-                                                                  "bf16 (or fp16) on GPUs, as ComfyUI decides."})
 
 
 class WaifuSnapshotLoader:
@@ -81,8 +26,9 @@ class WaifuSnapshotLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "snapshot": (_snapshots(), {"tooltip": "A folder under models/diffusers with transformer/, "
-                                                   "text_encoder/, tokenizer/, vae/ and scheduler/. " + FETCH_HINT}),
+            "snapshot": (diffusers_folders(is_waifu_snapshot),
+                         {"tooltip": "A folder under models/diffusers with transformer/, text_encoder/, tokenizer/, "
+                                     "vae/ and scheduler/. " + FETCH_HINT}),
             "dtype": DTYPE_INPUT,
         }}
 
@@ -95,8 +41,10 @@ class WaifuSnapshotLoader:
     CATEGORY = CATEGORY
 
     def load(self, snapshot, dtype):
-        root = _snapshot_path(snapshot)
-        return (host.load_dit(root, dtype), host.load_text_encoder(root, dtype), host.load_vae(root / "vae", dtype))
+        root = diffusers_folder(snapshot, is_waifu_snapshot,
+                                "Waifu snapshot (needs transformer/, text_encoder/, tokenizer/, vae/, scheduler/)")
+        return (waifu_host.load_dit(root, dtype), mexma_host.load_text_encoder(root, dtype),
+                vae16_host.load_vae(root / "vae", dtype))
 
 
 class LinearDiTLoader:
@@ -117,74 +65,7 @@ class LinearDiTLoader:
     CATEGORY = CATEGORY
 
     def load(self, unet_name, dtype):
-        return (host.load_dit(_file("diffusion_models", unet_name), dtype),)
-
-
-class MexmaSigLIPLoader:
-    DESCRIPTION = ("Loads the MEXMA-SigLIP text tower (XLM-R-large) from models/text_encoders; the tokenizer "
-                   "(tokenizer.json) must sit beside it.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "text_encoder_name": (_text_encoder_choices(),
-                                  {"tooltip": "A text-encoder file (or folder) in models/text_encoders. The tokenizer "
-                                              "is looked for in <name>_tokenizer/, <name>.tokenizer.json, tokenizer/ or "
-                                              "tokenizer.json beside it."}),
-            "dtype": DTYPE_INPUT,
-        }}
-
-    RETURN_TYPES = ("MEXMA_SIGLIP",)
-    RETURN_NAMES = ("text_encoder",)
-    OUTPUT_TOOLTIPS = ("The MEXMA-SigLIP text tower and its tokenizer.",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-
-    def load(self, text_encoder_name, dtype):
-        return (host.load_text_encoder(_text_encoder_path(text_encoder_name), dtype),)
-
-
-class AuraVAE16Loader:
-    DESCRIPTION = "Loads the AuraDiffusion 16-channel VAE (diffusers or LDM keys) from models/vae."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "vae_name": (folder_paths.get_filename_list("vae"),
-                         {"tooltip": "A 16-channel AutoencoderKL file in models/vae "
-                                     "(e.g. AuraDiffusion/16ch-vae diffusion_pytorch_model.safetensors)."}),
-            "dtype": DTYPE_INPUT,
-        }}
-
-    RETURN_TYPES = ("VAE",)
-    OUTPUT_TOOLTIPS = ("A ComfyUI VAE: works with AuraVAE16Decode and with the stock VAEDecode/VAEEncode.",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-
-    def load(self, vae_name, dtype):
-        return (host.load_vae(_file("vae", vae_name), dtype),)
-
-
-class MexmaSigLIPEncode:
-    DESCRIPTION = ("Encodes a prompt (any of XLM-R's ~100 languages) to per-token MEXMA-SigLIP states for Waifu. "
-                   "The prompt is lower-cased and stripped, as the reference pipeline does; empty is valid.")
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "text_encoder": ("MEXMA_SIGLIP", {"tooltip": "From a Waifu snapshot loader or MexmaSigLIPLoader."}),
-            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
-                                "tooltip": "The prompt. Leave empty for the negative (Waifu's default)."}),
-        }}
-
-    RETURN_TYPES = ("CONDITIONING",)
-    OUTPUT_TOOLTIPS = ("Per-token hidden states [1,512,1024] with the attention mask in the dict.",)
-    FUNCTION = "encode"
-    CATEGORY = CATEGORY
-
-    def encode(self, text_encoder, text):
-        hidden, mask = text_encoder.encode([text.lower().strip()])
-        return ([[hidden, {"attention_mask": mask}]],)
+        return (waifu_host.load_dit(model_file("diffusion_models", unet_name), dtype),)
 
 
 def _check_size(name: str, value: int):
@@ -315,36 +196,9 @@ class WaifuEmptyLatent:
         return ({"samples": torch.zeros([batch_size, 16, h // 8, w // 8], device=mm.intermediate_device())},)
 
 
-class AuraVAE16Decode:
-    DESCRIPTION = "Decodes raw 16-channel latents with the AuraDiffusion VAE (no extra scaling: LATENT is raw)."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "samples": ("LATENT", {"tooltip": "Raw 16-channel latents, e.g. from LinearDiTSampler."}),
-            "vae": ("VAE", {"tooltip": "The 16-channel VAE (snapshot loader or AuraVAE16Loader)."}),
-        }}
-
-    RETURN_TYPES = ("IMAGE",)
-    OUTPUT_TOOLTIPS = ("Images [B,H,W,3] in 0..1.",)
-    FUNCTION = "decode"
-    CATEGORY = CATEGORY
-
-    def decode(self, samples, vae):
-        z = samples["samples"]
-        if z.ndim != 4 or z.shape[1] != vae.latent_channels:
-            raise ValueError(f"latent has shape {tuple(z.shape)}; this VAE decodes {vae.latent_channels}-channel "
-                             "latents [B,C,H/8,W/8]")
-        return (vae.decode(z),)
-
-
 NODES = {
     "WaifuSnapshotLoader": (WaifuSnapshotLoader, "Load Waifu Snapshot (diffusers folder)"),
     "LinearDiTLoader": (LinearDiTLoader, "Load Linear DiT (Waifu)"),
-    "MexmaSigLIPLoader": (MexmaSigLIPLoader, "Load MEXMA-SigLIP Text Encoder"),
-    "AuraVAE16Loader": (AuraVAE16Loader, "Load AuraDiffusion 16ch VAE"),
-    "MexmaSigLIPEncode": (MexmaSigLIPEncode, "MEXMA-SigLIP Text Encode"),
     "LinearDiTSampler": (LinearDiTSampler, "Linear DiT Sampler (flow-Euler)"),
     "WaifuEmptyLatent": (WaifuEmptyLatent, "Empty Waifu Latent (aspect buckets)"),
-    "AuraVAE16Decode": (AuraVAE16Decode, "AuraDiffusion 16ch VAE Decode"),
 }

@@ -1,0 +1,66 @@
+"""Shared pieces of the ComfyUI layer: dtype choice, model-folder lookups, the category."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+import folder_paths
+
+from ..waifukit.loading import CheckpointError
+from ..waifukit.registry import FETCH_HINT
+
+CATEGORY = "waifu"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_CHOICES = ["auto", "fp32", "bf16", "fp16"]
+DTYPE_INPUT = (DTYPE_CHOICES, {"default": "auto", "tooltip": "Weight/compute dtype. auto: fp32 on CPU, "
+                                                             "bf16 (or fp16) on GPUs, as ComfyUI decides."})
+
+
+def param_count(sd: dict) -> int:
+    return sum(t.numel() for t in sd.values())
+
+
+def pick_dtype(choice: str, device, auto):
+    """The loaders' dtype widget: an explicit choice wins; auto is fp32 on CPU (the pack's faithful eager
+    path; ComfyUI would pick fp16 for text encoders there) and ComfyUI's own pick on accelerators."""
+    if choice != "auto":
+        return DTYPES[choice]
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    return auto()
+
+
+
+
+def model_file(kind: str, name: str, hint: str = FETCH_HINT) -> Path:
+    """Full path of a file listed in a ComfyUI model folder, or a CheckpointError naming it and the fix."""
+    path = folder_paths.get_full_path(kind, name)
+    if path is None:
+        raise CheckpointError(f"models/{kind}/{name}: file not found. {hint}")
+    return Path(path)
+
+
+def diffusers_folders(accept) -> list[str]:
+    """Folders under models/diffusers (two levels deep at most) for which ``accept(Path)`` is true."""
+    found = []
+    for base in folder_paths.get_folder_paths("diffusers"):
+        if not os.path.isdir(base):
+            continue
+        for root, dirs, _ in os.walk(base, followlinks=True):
+            rel = os.path.relpath(root, base)
+            if rel != "." and accept(Path(root)):
+                found.append(rel)
+                dirs[:] = []
+            elif rel.count(os.sep) >= 1:
+                dirs[:] = []
+    return sorted(found)
+
+
+def diffusers_folder(name: str, accept, what: str, hint: str = FETCH_HINT) -> Path:
+    for base in folder_paths.get_folder_paths("diffusers"):
+        path = Path(base) / name
+        if accept(path):
+            return path
+    raise CheckpointError(f"models/diffusers/{name}: no {what} there. {hint}")

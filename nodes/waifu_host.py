@@ -1,0 +1,72 @@
+"""ComfyUI glue for the Waifu Linear DiT: a ``comfy.model_base.BaseModel`` with FLOW model sampling (shift
+from the snapshot, multiplier 1000) inside a ``ModelPatcher``, so stock samplers and memory management work on
+it. ``LATENT["samples"]`` holds raw VAE latents; the 0.18215 scaling lives in the latent format, as in core.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+import comfy.conds
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.supported_models_base
+
+from ..waifukit import loading
+from ..waifukit.sana import LinearDiT
+from .common import param_count, pick_dtype
+
+
+class AuraLatent16(comfy.latent_formats.LatentFormat):
+    """AuraDiffusion 16ch VAE latents as Waifu was trained on them: plain 0.18215 scale, no shift."""
+    latent_channels = 16
+
+    def __init__(self):
+        self.scale_factor = 0.18215
+
+
+class WaifuConfig(comfy.supported_models_base.BASE):
+    unet_config = {}
+    unet_extra_config = {}
+    latent_format = AuraLatent16
+    supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    memory_usage_factor = 2.0
+
+    def __init__(self, params, shift: float):
+        super().__init__({"params": params})
+        self.sampling_settings = {"shift": float(shift), "multiplier": 1000}
+
+
+class WaifuDiT(comfy.model_base.BaseModel):
+    def __init__(self, model_config, device=None):
+        super().__init__(model_config, comfy.model_base.ModelType.FLOW, device=device, unet_model=LinearDiT)
+
+    def extra_conds(self, **kwargs):
+        out = super().extra_conds(**kwargs)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            out["attention_mask"] = comfy.conds.CONDRegular(mask)
+        return out
+
+
+def load_dit(path: Path, dtype_choice: str = "auto", default_shift: float = 3.0):
+    """A ComfyUI MODEL (ModelPatcher around WaifuDiT) from any supported transformer layout."""
+    res = loading.resolve_linear_dit(path)
+    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    supported = WaifuConfig.supported_inference_dtypes
+    dtype = pick_dtype(dtype_choice, load_device,
+                       lambda: mm.unet_dtype(model_params=param_count(res.state_dict), supported_dtypes=supported))
+    manual_cast = mm.unet_manual_cast(dtype, load_device, supported)
+    config = WaifuConfig(res.params, res.extra["shift"] or default_shift)
+    config.set_inference_dtype(dtype, manual_cast)
+    model = WaifuDiT(config, device=offload_device)
+    loading.load_strict(model.diffusion_model, res.state_dict, res.source)
+    model.waifu_source = str(res.source)
+    logging.info("comfyui-waifu: Linear DiT from %s (%s, shift %s)", res.source, dtype, config.sampling_settings["shift"])
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+
+

@@ -12,8 +12,19 @@ MODELS = {
     },
 }
 
-FETCH_HINT = ("Get the weights with: huggingface-cli download AiArtLab/waifu-2b "
-              "--local-dir ComfyUI/models/diffusers/waifu-2b")
+def fetch_hint(model_id: str) -> str:
+    """The exact command lines that fetch ``model_id`` (the weights CLI, and huggingface-cli when we know the
+    repo). Loaders put this in every missing-file error; they never download themselves."""
+    hint = (f"Get the weights with (from ComfyUI/custom_nodes/comfyui-waifu): "
+            f"python -m waifukit weights fetch {model_id} --comfyui /path/to/ComfyUI")
+    model = MODELS.get(model_id)
+    if model:
+        hint += (f"; or: huggingface-cli download {model['hf_repo']} "
+                 f"--local-dir ComfyUI/models/{model['comfy_folder']}")
+    return hint
+
+
+FETCH_HINT = fetch_hint("waifu-2b")
 
 # Waifu trained on 64-px aspect buckets with sides 384..768 (research note C); offer every such size,
 # squarest first within each aspect ratio.

@@ -51,7 +51,7 @@ def host(tmp_path_factory):
     shutil.copy(next((snap / "transformer").glob("*.safetensors")), models / "vae" / "actually-a-dit.safetensors")
     shutil.copy(next((snap / "vae").glob("*.safetensors")), te_dir / "actually-a-vae.safetensors")
 
-    h = ComfyHost(base).start()
+    h = ComfyHost(base, extra_args=["--preview-method", "latent2rgb"]).start()
     h.snapshot = snap
     yield h
     h.stop()
@@ -277,3 +277,38 @@ def test_progress_every_step_and_interrupt_keeps_server_serving(host):
     finally:
         ws.close()
     assert len(run_ok(host, workflow(steps=1, width=64, height=64))) == 1
+
+
+def test_latent_previews_from_fitted_factors(host):
+    import uuid
+
+    import websocket
+
+    client = uuid.uuid4().hex
+    ws = websocket.create_connection(f"ws://127.0.0.1:{host.port}/ws?clientId={client}", timeout=120)
+    try:
+        code, body = host.queue(workflow(seed=3, steps=3, width=128, height=128), client)
+        previews = 0
+        while True:
+            msg = ws.recv()
+            if isinstance(msg, bytes):
+                previews += int.from_bytes(msg[:4], "big") == 1  # PREVIEW_IMAGE frames
+                continue
+            m = json.loads(msg)
+            if m["type"] == "executing" and m["data"].get("node") is None and m["data"].get("prompt_id") == body["prompt_id"]:
+                break
+    finally:
+        ws.close()
+    assert previews >= 3
+    cache = json.loads((host.base / "user" / "comfyui-waifu" / "latent_rgb_factors.json").read_text())
+    (entry,) = [v for k, v in cache.items() if "waifu-2b" in k and "vae" in k]
+    assert np.array(entry["factors"]).shape == (16, 3) and len(entry["bias"]) == 3
+
+
+def test_aura_decode_tiled_path(host):
+    wf = workflow(seed=4, steps=2, width=256, height=256)
+    ours = run_ok(host, wf)[0]
+    wf["5"]["inputs"].update(tile_size=128, overlap=32)
+    tiled = run_ok(host, wf)[0]
+    assert tiled.shape == ours.shape
+    assert np.corrcoef(tiled.ravel().astype(float), ours.ravel().astype(float))[0, 1] > 0.9

@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-stamp
 
-.PHONY: test test-fast demo venv comfyui clean
+.PHONY: test test-fast demo venv comfyui chromium clean
 
 venv: $(STAMP)
 
@@ -17,8 +17,12 @@ $(STAMP): requirements/torch.txt requirements/test.txt
 comfyui: $(STAMP)
 	$(VPY) scripts/setup_comfyui.py
 
-# The whole suite: pure-torch parity tests, then the real ComfyUI server tests.
-test: comfyui
+# Debian's chromium for the browser test (Playwright drives it; no browser download). Needs root/apt.
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# The whole suite: pure-torch parity tests, the real ComfyUI server tests and the browser test.
+test: comfyui chromium
 	$(VPY) -m pytest -q -p no:cacheprovider tests
 
 # Parity tests only (no ComfyUI server).

@@ -95,3 +95,17 @@ def test_example_workflow_in_the_browser(host, page, path):
     assert red == []
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
+
+
+def test_every_pack_node_is_registry_ready(host):
+    """Consistent category and display names, a tooltip on every input, a description on every node."""
+    info = host.get("/object_info")
+    ours = {k: v for k, v in info.items() if v["python_module"].startswith("custom_nodes.comfyui-waifu")}
+    assert len(ours) >= 8
+    for name, node in ours.items():
+        assert node["category"].split("/")[0] == "waifu", name
+        assert node["display_name"] and node["display_name"] != name, name
+        assert node["description"], f"{name} has no DESCRIPTION"
+        for section in ("required", "optional"):
+            for inp, spec in node["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"

@@ -10,7 +10,22 @@ MODELS = {
         "default_steps": 20,
         "default_cfg": 4.5,
     },
+    "wuerstchen-prior": {
+        "hf_repo": "warp-ai/wuerstchen-prior",
+        "family": "wuerstchen",
+        "comfy_folder": "diffusers/wuerstchen-prior",
+        "default_steps": 29,
+        "default_cfg": 4.0,
+    },
+    "wuerstchen": {
+        "hf_repo": "warp-ai/wuerstchen",
+        "family": "wuerstchen",
+        "comfy_folder": "diffusers/wuerstchen",
+        "default_steps": 12,
+        "default_cfg": 0.0,
+    },
 }
+
 
 def fetch_hint(model_id: str) -> str:
     """The exact command lines that fetch ``model_id`` (the weights CLI, and huggingface-cli when we know the

@@ -1,0 +1,196 @@
+"""ComfyUI glue for Würstchen v2: the three stages and the two CLIP text towers in ModelPatchers, loaded
+through comfy.model_management, and the sampling loops of the reference pipelines.
+
+Types: WUERSTCHEN_PRIOR (Stage C), WUERSTCHEN_DECODER (Stage B), WUERSTCHEN_CLIP (a text tower + tokenizer),
+and the Stage A VQGAN as a ``comfy.sd.VAE`` (so the stock VAEDecode / VAEEncode work on Stage B latents).
+``LATENT["samples"]`` holds Stage C embeddings already de-normalised (x*42-1, what Stage B consumes) or raw
+Stage B latents (the VQGAN's 0.3764 scale is applied inside its decode, as the pipeline does).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.sd
+import comfy.utils
+
+from ..waifukit import loading
+from ..waifukit.clip_text import CLIPTextModel, resolve_clip_text
+from ..waifukit.paella_vq import PaellaVQ, resolve_vqgan
+from ..waifukit.wuerstchen_decoder import WuerstchenDiffNeXt, resolve_decoder
+from ..waifukit.wuerstchen_prior import WuerstchenPrior, resolve_prior
+from ..waifukit.wuerstchen_sched import WuerstchenDDPM, WuerstchenScheduleParams, sample
+from .common import param_count, pick_dtype
+
+# fp16 is known to break Stable Cascade's Stage C (NaN/black, Comfy-Org/ComfyUI#2824); nothing shows v2 is
+# safe, so auto never picks it for Stage C/B: bf16 where supported, else fp32. fp16 stays an explicit choice.
+STAGE_DTYPES = [torch.bfloat16, torch.float32]
+
+
+def _scheduler(root: Path | None) -> WuerstchenDDPM:
+    cfg = root / "scheduler" / "scheduler_config.json" if root is not None else None
+    if cfg is None or not cfg.is_file():
+        return WuerstchenDDPM()
+    try:
+        return WuerstchenDDPM(WuerstchenScheduleParams.from_scheduler_config(loading.read_json(cfg)))
+    except ValueError as e:
+        raise loading.CheckpointError(f"{cfg}: {e}") from None
+
+
+def _snapshot_root(weights: Path, sub: str) -> Path | None:
+    return weights.parent.parent if weights.parent.name == sub else None
+
+
+class WuerstchenStage:
+    """A Stage C or Stage B module in a ModelPatcher, with its scheduler and source."""
+
+    def __init__(self, kind: str, module: nn.Module, dtype, source: Path, sched: WuerstchenDDPM,
+                 load_device, offload_device):
+        self.kind, self.module, self.dtype, self.source, self.sched = kind, module, dtype, source, sched
+        self.params = module.params
+        self.patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+
+
+def _load_stage(kind: str, resolver, cls, path: Path, dtype_choice: str, sub: str) -> WuerstchenStage:
+    params, sd, weights = resolver(path)
+    load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    dtype = pick_dtype(dtype_choice, load_device,
+                       lambda: mm.unet_dtype(device=load_device, model_params=param_count(sd), supported_dtypes=STAGE_DTYPES))
+    module = cls(params, operations=comfy.ops.disable_weight_init, dtype=dtype, device=offload_device).eval()
+    loading.load_strict(module, {k: v.to(dtype) for k, v in sd.items()}, weights)
+    logging.info("comfyui-waifu: Würstchen %s from %s (%s)", kind, weights, dtype)
+    return WuerstchenStage(kind, module, dtype, weights, _scheduler(_snapshot_root(weights, sub)), load_device,
+                           offload_device)
+
+
+def load_prior(path: Path, dtype_choice: str = "auto") -> WuerstchenStage:
+    return _load_stage("Stage C prior", resolve_prior, WuerstchenPrior, path, dtype_choice, "prior")
+
+
+def load_decoder(path: Path, dtype_choice: str = "auto") -> WuerstchenStage:
+    return _load_stage("Stage B decoder", resolve_decoder, WuerstchenDiffNeXt, path, dtype_choice, "decoder")
+
+
+class WuerstchenCLIP:
+    """A CLIP text tower with its tokenizer. ``role`` says which stage it belongs to ("prior"/"decoder")."""
+
+    def __init__(self, module: CLIPTextModel, tokenizer, source: Path, role: str, load_device, offload_device):
+        self.module, self.tokenizer, self.source, self.role = module, tokenizer, source, role
+        self.width = module.params.hidden_size
+        self.patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """last_hidden_state [B,77,D] with the attention mask applied, as both Würstchen pipelines do."""
+        ids, mask = self.tokenizer(texts, max_length=min(77, self.module.params.max_position_embeddings))
+        mm.load_models_gpu([self.patcher])
+        device = self.patcher.load_device
+        with torch.inference_mode():
+            hidden = self.module(ids.to(device), mask.to(device))
+        return hidden.float().to(mm.intermediate_device())
+
+
+def load_clip(path: Path, role: str, dtype_choice: str = "auto", tokenizer: Path | None = None) -> WuerstchenCLIP:
+    params, sd, weights, tok = resolve_clip_text(path, tokenizer)
+    load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
+    dtype = pick_dtype(dtype_choice, load_device, lambda: mm.text_encoder_dtype(load_device))
+    module = CLIPTextModel(params, operations=comfy.ops.disable_weight_init, dtype=dtype, device=offload_device).eval()
+    loading.load_strict(module, {k: v.to(dtype) for k, v in sd.items()}, weights)
+    return WuerstchenCLIP(module, tok, weights, role, load_device, offload_device)
+
+
+class _StageA(nn.Module):
+    """What comfy.sd.VAE calls: decode(Stage B latents) and encode(pixels in [0,1]) in Stage B space."""
+
+    def __init__(self, vq: PaellaVQ):
+        super().__init__()
+        self.vq = vq
+        self.scale = vq.params.scale_factor
+
+    def decode(self, z):
+        if z.ndim != 4 or z.shape[1] != self.vq.params.latent_channels:
+            raise ValueError(f"Würstchen Stage A decodes {self.vq.params.latent_channels}-channel Stage B latents "
+                             f"[B,{self.vq.params.latent_channels},H/4,W/4]; got {tuple(z.shape)}. Stage C embeddings "
+                             "(16 channels) go through WuerstchenStageB first.")
+        return self.vq.decode(z * self.scale)
+
+    def encode(self, x):
+        return self.vq.encode(x) / self.scale
+
+
+class WuerstchenVQGAN(comfy.sd.VAE):
+    """comfy.sd.VAE around the native Paella VQGAN (set up by hand: core's key sniffing would take it for
+    Stable Cascade's Stage A with its 0.43 scale)."""
+
+    def __init__(self, vq: PaellaVQ, source: Path, dtype):
+        self.memory_used_encode = lambda shape, dtype: 1200 * shape[2] * shape[3] * mm.dtype_size(dtype)
+        self.memory_used_decode = lambda shape, dtype: 1200 * shape[2] * shape[3] * 16 * mm.dtype_size(dtype)
+        self.downscale_ratio = self.upscale_ratio = vq.params.downscale
+        self.latent_channels = vq.params.latent_channels
+        self.latent_dim = 2
+        self.output_channels = 3
+        self.process_input = lambda image: image  # pixels in [0,1], as the VQGAN takes them
+        self.process_output = lambda image: torch.clamp(image, min=0.0, max=1.0)
+        self.working_dtypes = [torch.bfloat16, torch.float32]
+        self.disable_offload = False
+        self.not_video = False
+        self.size = None
+        self.downscale_index_formula = None
+        self.upscale_index_formula = None
+        self.extra_1d_channel = None
+        self.crop_input = True
+        self.first_stage_model = _StageA(vq).eval()
+        self.device = mm.vae_device()
+        self.vae_dtype = dtype
+        self.first_stage_model.to(dtype)
+        self.output_device = mm.intermediate_device()
+        self.patcher = comfy.model_patcher.ModelPatcher(self.first_stage_model, load_device=self.device,
+                                                        offload_device=mm.vae_offload_device())
+        self.source = source
+        self.model_size()
+
+
+def load_vqgan(path: Path, dtype_choice: str = "auto") -> WuerstchenVQGAN:
+    params, sd, weights = resolve_vqgan(path)
+    vq = PaellaVQ(params, dtype=torch.float32)
+    loading.load_strict(vq, sd, weights)
+    device = mm.vae_device()
+    dtype = pick_dtype(dtype_choice, device, lambda: mm.vae_dtype(device, [torch.bfloat16, torch.float32]))
+    return WuerstchenVQGAN(vq, weights, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling
+
+def run_stage(stage: WuerstchenStage, shape, cond: torch.Tensor, uncond: torch.Tensor | None, ts: torch.Tensor,
+              seed: int, cfg: float, effnet: torch.Tensor | None = None) -> torch.Tensor:
+    """The pipelines' loop on ``stage``: fp32 state, CPU generator seeded with ``seed``, [cond; uncond]
+    batches with lerp guidance when cfg > 1. Progress bar and interrupt per step."""
+    mm.load_models_gpu([stage.patcher])
+    device = stage.patcher.load_device
+    dtype = stage.dtype
+    guided = cfg > 1
+    text = torch.cat([cond, uncond]) if guided else cond
+    text = text.to(device, dtype)
+    if effnet is not None:
+        effnet = (torch.cat([effnet, torch.zeros_like(effnet)]) if guided else effnet).to(device, dtype)
+    model = stage.module
+    bar = comfy.utils.ProgressBar(len(ts) - 1)
+
+    def model_fn(x, r):
+        mm.throw_exception_if_processing_interrupted()
+        # r stays fp32: the models embed it in fp32 (see waifukit.wuerstchen_common.r_embedding).
+        if effnet is None:
+            return model(x.to(dtype), r, text)
+        return model(x.to(dtype), r, effnet, text)
+
+    with torch.inference_mode():
+        out = sample(model_fn, shape, ts, torch.Generator("cpu").manual_seed(seed), cfg, stage.sched, device,
+                     callback=lambda i: bar.update(1))
+    return out.float().to(mm.intermediate_device())
+

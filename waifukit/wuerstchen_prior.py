@@ -1,0 +1,132 @@
+"""Würstchen v2 Stage C: the text-conditional prior (diffusers ``WuerstchenPrior``), pure torch.
+
+Provenance: architecture from diffusers ``pipelines/deprecated/wuerstchen/modeling_wuerstchen_prior.py`` and
+the research note /work/shared/research/wuerstchen.md section A (read, not copied).
+
+A flat stack of ``depth`` x (ResBlock, TimestepBlock, AttnBlock) at width ``c`` on a 16-channel latent
+(ceil(H/42.67) x ceil(W/42.67)), conditioned on CLIP-bigG ``last_hidden_state`` [B,77,1280] and the noise ratio
+r in [0,1]. The output is the noise prediction eps = (x - a) / (|1 - b| + 1e-5).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .loading import CheckpointError
+from .ops import TorchOps
+from .wuerstchen_common import (AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, describe_checkpoint,
+                                load_component, r_embedding, split_in_proj, strip_prefix, wrong_family)
+
+PRIOR_HINT = ("Stage C is the prior/ folder of warp-ai/wuerstchen-prior (huggingface-cli download "
+              "warp-ai/wuerstchen-prior --local-dir ComfyUI/models/diffusers/wuerstchen-prior).")
+
+
+@dataclass
+class WuerstchenPriorParams:
+    c_in: int = 16
+    c: int = 1536
+    c_cond: int = 1280
+    c_r: int = 64
+    depth: int = 32
+    nhead: int = 24
+    # Pipeline constants (model_index.json of warp-ai/wuerstchen-prior), kept with the model.
+    latent_mean: float = 42.0
+    latent_std: float = 1.0
+    resolution_multiple: float = 42.67
+
+    def __post_init__(self):
+        for name in ("c_in", "c", "c_cond", "c_r", "depth", "nhead"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"prior config: {name} must be positive, got {getattr(self, name)}")
+        if self.c % self.nhead:
+            raise ValueError(f"prior config: c={self.c} is not divisible by nhead={self.nhead}")
+        if self.c_r < 4:
+            raise ValueError(f"prior config: c_r={self.c_r} is too small for the sinusoidal r embedding")
+
+    @classmethod
+    def from_diffusers_config(cls, cfg: dict, pipeline: dict | None = None) -> "WuerstchenPriorParams":
+        if cfg.get("_class_name", "WuerstchenPrior") != "WuerstchenPrior":
+            raise ValueError(f"config.json describes a {cfg.get('_class_name')}, not a WuerstchenPrior")
+        fields = {k: cfg[k] for k in ("c_in", "c", "c_cond", "c_r", "depth", "nhead") if k in cfg}
+        for k in ("latent_mean", "latent_std", "resolution_multiple"):
+            if pipeline and k in pipeline:
+                fields[k] = float(pipeline[k])
+        return cls(**fields)
+
+    @classmethod
+    def infer(cls, sd: dict) -> "WuerstchenPriorParams":
+        """Config from tensor shapes (single files without config.json). Heads are not stored in the
+        weights: head dim 64 as published (1536 / 24)."""
+        c, c_in = sd["projection.weight"].shape[:2]
+        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")}) // 3
+        return cls(c_in=c_in, c=c, c_cond=sd["cond_mapper.0.weight"].shape[1],
+                   c_r=sd["blocks.1.mapper.weight"].shape[1], depth=depth, nhead=max(1, c // 64))
+
+
+class WuerstchenPrior(nn.Module):
+    def __init__(self, params: WuerstchenPriorParams, operations=TorchOps, dtype=None, device=None):
+        super().__init__()
+        p = self.params = params
+        kw = dict(dtype=dtype, device=device)
+        self.projection = operations.Conv2d(p.c_in, p.c, kernel_size=1, **kw)
+        self.cond_mapper = nn.Sequential(operations.Linear(p.c_cond, p.c, **kw), nn.LeakyReLU(0.2),
+                                         operations.Linear(p.c, p.c, **kw))
+        blocks = []
+        for _ in range(p.depth):
+            blocks += [ResBlock(p.c, operations=operations, **kw), TimestepBlock(p.c, p.c_r, operations, **kw),
+                       AttnBlock(p.c, p.c, p.nhead, operations, **kw)]
+        self.blocks = nn.ModuleList(blocks)
+        self.out = nn.Sequential(LayerNorm2d(), operations.Conv2d(p.c, p.c_in * 2, kernel_size=1, **kw))
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x [B,c_in,h,w] noisy latent, r [B] noise ratio, c [B,L,c_cond] text states -> eps [B,c_in,h,w]."""
+        if x.ndim != 4 or x.shape[1] != self.params.c_in:
+            raise ValueError(f"Stage C expects latents [B,{self.params.c_in},h,w], got {tuple(x.shape)}")
+        if c.ndim != 3 or c.shape[-1] != self.params.c_cond:
+            raise ValueError(f"Stage C expects text states [B,L,{self.params.c_cond}] (CLIP-bigG last_hidden_state "
+                             f"from the prior snapshot's text encoder), got {tuple(c.shape)}")
+        x_in = x
+        x = self.projection(x)
+        c_embed = self.cond_mapper(c)
+        r_embed = r_embedding(r, self.params.c_r).to(x.dtype)
+        for block in self.blocks:
+            if isinstance(block, AttnBlock):
+                x = block(x, c_embed)
+            elif isinstance(block, TimestepBlock):
+                x = block(x, r_embed)
+            else:
+                x = block(x)
+        a, b = self.out(x).chunk(2, dim=1)
+        return (x_in - a) / ((1 - b).abs() + 1e-5)
+
+
+def to_native_layout(sd: dict) -> dict:
+    """diffusers keys as they are; original checkpoints (``ema_state_dict`` / in_proj attention) converted.
+    ValueError for anything that is not a Würstchen v2 prior."""
+    sd = split_in_proj(strip_prefix(sd))
+    if "cond_mapper.0.weight" not in sd or "projection.weight" not in sd or "blocks.0.depthwise.weight" not in sd:
+        raise ValueError(f"this is {describe_checkpoint(sd)}")
+    return sd
+
+
+def resolve_prior(path: Path):
+    """(params, state dict, weights file) for a prior file, the prior/ folder, or the snapshot root."""
+    sd, cfg, weights = load_component(path, "prior")
+    try:
+        sd = to_native_layout(sd)
+    except ValueError:
+        raise wrong_family(weights, "a Würstchen v2 Stage C prior", sd, "Use it with the matching loader; "
+                           + PRIOR_HINT) from None
+    pipeline = None
+    root = weights.parent.parent if weights.parent.name == "prior" else None
+    if root is not None and (root / "model_index.json").is_file():
+        from .loading import read_json
+        pipeline = read_json(root / "model_index.json")
+    try:
+        params = WuerstchenPriorParams.from_diffusers_config(cfg, pipeline) if cfg else WuerstchenPriorParams.infer(sd)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{weights}: unsupported Stage C config: {e}") from None
+    return params, sd, weights

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import folder_paths
+import torch
 
 from . import mexma_host
 from .common import CATEGORY, DTYPE_INPUT, model_file
@@ -29,8 +30,9 @@ def _text_encoder_path(name: str) -> Path:
 
 
 class MexmaSigLIPLoader:
-    DESCRIPTION = ("Loads the MEXMA-SigLIP text tower (XLM-R-large) from models/text_encoders; the tokenizer "
-                   "(tokenizer.json) must sit beside it.")
+    DESCRIPTION = ("Loads MEXMA-SigLIP from models/text_encoders: the Waifu text tower (XLM-R-large), or the full "
+                   "visheratin/mexma-siglip (text tower + projector for SDXS + SigLIP vision tower for image "
+                   "prompts); the tokenizer (tokenizer.json) must sit beside it.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -53,28 +55,75 @@ class MexmaSigLIPLoader:
 
 
 class MexmaSigLIPEncode:
-    DESCRIPTION = ("Encodes a prompt (any of XLM-R's ~100 languages) to per-token MEXMA-SigLIP states for Waifu. "
-                   "The prompt is lower-cased and stripped, as the reference pipeline does; empty is valid.")
+    DESCRIPTION = ("Encodes a prompt (any of XLM-R's ~100 languages) with MEXMA-SigLIP. One output serves both "
+                   "models: the per-token states (Waifu) and, when the projector is loaded, the pooled 1152-d "
+                   "embedding (SDXS); each sampler takes its part. The prompt is lower-cased and stripped, as the "
+                   "reference pipelines do; empty is valid.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "text_encoder": ("MEXMA_SIGLIP", {"tooltip": "From a Waifu snapshot loader or MexmaSigLIPLoader."}),
+            "text_encoder": ("MEXMA_SIGLIP", {"tooltip": "From a Waifu/SDXS snapshot loader or MexmaSigLIPLoader."}),
             "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
-                                "tooltip": "The prompt. Leave empty for the negative (Waifu's default)."}),
+                                "tooltip": "The prompt. Leave empty for the negative (the default of both models)."}),
         }}
 
     RETURN_TYPES = ("CONDITIONING",)
-    OUTPUT_TOOLTIPS = ("Per-token hidden states [1,512,1024] with the attention mask in the dict.",)
+    OUTPUT_TOOLTIPS = ("Per-token states [1,512,1024] with attention_mask, plus pooled_output [1,1152] when the "
+                       "projector is loaded.",)
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 
     def encode(self, text_encoder, text):
-        hidden, mask = text_encoder.encode([text.lower().strip()])
-        return ([[hidden, {"attention_mask": mask}]],)
+        hidden, mask, pooled = text_encoder.encode_full([text.lower().strip()])
+        extras = {"attention_mask": mask}
+        if pooled is not None:
+            extras["pooled_output"] = pooled
+        return ([[hidden, extras]],)
+
+
+class MexmaSigLIPImagePrompt:
+    DESCRIPTION = ("Image prompting for SDXS: mixes the SigLIP embedding of an image into the pooled MEXMA-SigLIP "
+                   "embedding of a conditioning (MEXMA-SigLIP embeds images and texts in one space). Needs the full "
+                   "MEXMA-SigLIP (visheratin/mexma-siglip: vision tower + projector). The per-token states Waifu "
+                   "reads are left unchanged.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "conditioning": ("CONDITIONING", {"tooltip": "MexmaSigLIPEncode output (its pooled embedding is mixed)."}),
+            "text_encoder": ("MEXMA_SIGLIP", {"tooltip": "The full MEXMA-SigLIP (MexmaSigLIPLoader on "
+                                                         "visheratin/mexma-siglip), for its vision tower."}),
+            "image": ("IMAGE", {"tooltip": "The image prompt; resized to the tower's 384x384 (bicubic). Several "
+                                           "images are averaged."}),
+            "weight": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
+                                 "tooltip": "0 = text only, 1 = image only. The image embedding is rescaled to the "
+                                            "text embedding's length before mixing."}),
+        }}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("The conditioning with pooled_output = lerp(text, image, weight).",)
+    FUNCTION = "mix"
+    CATEGORY = CATEGORY
+
+    def mix(self, conditioning, text_encoder, image, weight):
+        text_encoder.require_projector()
+        img = text_encoder.encode_images(image).mean(0, keepdim=True)
+        out = []
+        for tensor, extras in conditioning:
+            pooled = extras.get("pooled_output")
+            if pooled is None:
+                raise ValueError("this conditioning has no pooled MEXMA-SigLIP embedding: encode the prompt with a "
+                                 "MEXMA-SigLIP that has its text_projector (missing projector weights)")
+            if img.shape[-1] != pooled.shape[-1]:
+                raise ValueError(f"image embedding width {img.shape[-1]} != text embedding width {pooled.shape[-1]}")
+            scaled = img.to(pooled) * (pooled.norm(dim=-1, keepdim=True) / img.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+            out.append([tensor, dict(extras, pooled_output=torch.lerp(pooled, scaled, float(weight)))])
+        return (out,)
 
 
 NODES = {
     "MexmaSigLIPLoader": (MexmaSigLIPLoader, "Load MEXMA-SigLIP Text Encoder"),
     "MexmaSigLIPEncode": (MexmaSigLIPEncode, "MEXMA-SigLIP Text Encode"),
+    "MexmaSigLIPImagePrompt": (MexmaSigLIPImagePrompt, "MEXMA-SigLIP Image Prompt (SDXS)"),
 }

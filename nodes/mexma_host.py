@@ -1,5 +1,11 @@
-"""ComfyUI glue for the MEXMA-SigLIP text tower: the module in a ModelPatcher, with its tokenizer.
-``CONDITIONING`` is ``[[hidden [B,L,1024], {"attention_mask": [B,L]}]]``."""
+"""ComfyUI glue for MEXMA-SigLIP: the text side (XLM-R tower + optional text_projector) and the optional SigLIP
+vision tower, each in its own ModelPatcher (the vision tower only goes to the GPU when an image is encoded),
+with the tokenizer.
+
+``CONDITIONING`` is ``[[hidden [B,L,1024], {"attention_mask": [B,L], "pooled_output": [B,1152]}]]``: the
+per-token states are what Waifu's DiT reads, ``pooled_output`` (present when the projector is loaded) is what
+SDXS reads; each sampler picks its part.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,36 +15,69 @@ import torch
 import comfy.model_management as mm
 import comfy.model_patcher
 
+from ..waifukit.mexma import (MISSING_PROJECTOR, MISSING_VISION, MexmaSigLIPText, SiglipVisionTower,
+                              preprocess_images, resolve_mexma)
 from ..waifukit import loading
-from ..waifukit.xlmr import XLMRobertaTextModel
 from .common import pick_dtype
 
 
 class MexmaTextEncoder:
-    """The MEXMA-SigLIP text tower (XLM-R) with its tokenizer, kept in a ModelPatcher."""
+    """MEXMA-SigLIP with its tokenizer: ``encode`` (per-token, Waifu), ``encode_full`` (+ pooled, SDXS) and
+    ``encode_images`` (SigLIP pooled image embedding)."""
 
-    def __init__(self, module: XLMRobertaTextModel, tokenizer, source: Path, load_device, offload_device):
+    def __init__(self, module: MexmaSigLIPText, tokenizer, source: Path, load_device, offload_device,
+                 vision: SiglipVisionTower | None = None):
         self.module = module
         self.tokenizer = tokenizer
         self.source = source
+        self.vision = vision
         self.patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+        self.vision_patcher = None if vision is None else comfy.model_patcher.ModelPatcher(
+            vision, load_device=load_device, offload_device=offload_device)
 
-    def encode(self, texts: list[str], max_length: int = 512):
+    @property
+    def has_projector(self) -> bool:
+        return self.module.text_projector is not None
+
+    def encode_full(self, texts: list[str], max_length: int = 512):
+        """(hidden [B,L,H], mask [B,L], pooled [B,D] or None) on the intermediate device, float32."""
         ids, mask = self.tokenizer(texts, max_length=max_length)
         mm.load_models_gpu([self.patcher])
         device = self.patcher.load_device
         with torch.inference_mode():
-            hidden = self.module(ids.to(device), mask.to(device))
+            hidden, pooled = self.module(ids.to(device), mask.to(device))
         out = mm.intermediate_device()
-        return hidden.float().to(out), mask.to(out)
+        return hidden.float().to(out), mask.to(out), None if pooled is None else pooled.float().to(out)
+
+    def encode(self, texts: list[str], max_length: int = 512):
+        hidden, mask, _ = self.encode_full(texts, max_length)
+        return hidden, mask
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """ComfyUI IMAGE [B,H,W,3] -> pooled SigLIP embeddings [B,D] (float32, intermediate device)."""
+        if self.vision is None:
+            raise ValueError(f"{self.source}: {MISSING_VISION}")
+        pixels = preprocess_images(images, self.vision.params.image_size)
+        mm.load_models_gpu([self.vision_patcher])
+        device = self.vision_patcher.load_device
+        with torch.inference_mode():
+            emb = self.vision(pixels.to(device=device, dtype=self.vision.embeddings.patch_embedding.weight.dtype))
+        return emb.float().to(mm.intermediate_device())
+
+    def require_projector(self):
+        if not self.has_projector:
+            raise ValueError(f"{self.source}: {MISSING_PROJECTOR}")
 
 
 def load_text_encoder(path: Path, dtype_choice: str = "auto", tokenizer: Path | None = None) -> MexmaTextEncoder:
-    res = loading.resolve_text_encoder(path, tokenizer)
+    res = resolve_mexma(path, tokenizer)
     load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
     dtype = pick_dtype(dtype_choice, load_device, lambda: mm.text_encoder_dtype(load_device))
-    module = XLMRobertaTextModel(res.params, dtype=dtype, device=offload_device).eval()
-    loading.load_strict(module, res.state_dict, res.source)
-    return MexmaTextEncoder(module, res.extra["tokenizer"], res.source, load_device, offload_device)
-
-
+    module = MexmaSigLIPText(res.text_params, res.projector_dim, res.projector_bias, dtype=dtype,
+                             device=offload_device).eval()
+    loading.load_strict(module, res.text_state_dict, res.source)
+    vision = None
+    if res.vision_params is not None:
+        vision = SiglipVisionTower(res.vision_params, dtype=dtype, device=offload_device).eval()
+        loading.load_strict(vision, res.vision_state_dict, res.source)
+    return MexmaTextEncoder(module, res.tokenizer, res.source, load_device, offload_device, vision)

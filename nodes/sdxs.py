@@ -1,0 +1,207 @@
+"""SDXS (AiArtLab/sdxs, the MEXMA-SigLIP-conditioned UNet; not IDKiro's one-step SDXS) nodes: declarations
+only; the work happens in ..waifukit (pure torch) and sdxs_host.
+
+Node ids and widget order are public API: never rename or reorder, only append optional inputs.
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.model_management as mm
+import folder_paths
+import latent_preview
+
+from ..waifukit import ddpm
+from ..waifukit.mexma import MISSING_PROJECTOR
+from ..waifukit.sdxs import is_sdxs_snapshot
+from . import mexma_host, sdxs_host, vae16_host
+from .common import CATEGORY, DTYPE_INPUT, diffusers_folder, diffusers_folders, model_file
+
+SDXS_HINT = ("Get the weights with: huggingface-cli download AiArtLab/sdxs "
+             "--local-dir ComfyUI/models/diffusers/sdxs")
+MAX_SIDE = 8192
+
+
+class SDXSSnapshotLoader:
+    DESCRIPTION = ("Loads the AiArtLab/sdxs snapshot folder (models/diffusers/sdxs): UNet, MEXMA-SigLIP text encoder "
+                   "(with its projector) and the 16-channel VAE.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "snapshot": (diffusers_folders(is_sdxs_snapshot),
+                         {"tooltip": "A folder under models/diffusers with unet/, text_encoder/ (+ text_projector/), "
+                                     "tokenizer/, vae/ and scheduler/. " + SDXS_HINT}),
+            "dtype": DTYPE_INPUT,
+        }}
+
+    RETURN_TYPES = ("MODEL", "MEXMA_SIGLIP", "VAE")
+    RETURN_NAMES = ("model", "text_encoder", "vae")
+    OUTPUT_TOOLTIPS = ("The SDXS UNet (prediction type and noise schedule from scheduler/scheduler_config.json).",
+                       "MEXMA-SigLIP: XLM-R tower + text projector (pooled 1152-d conditioning).",
+                       "The 16-channel VAE.")
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, snapshot, dtype):
+        root = diffusers_folder(snapshot, is_sdxs_snapshot,
+                                "SDXS snapshot (needs unet/, text_encoder/, tokenizer/, vae/, scheduler/)", SDXS_HINT)
+        te = mexma_host.load_text_encoder(root, dtype)
+        te.require_projector()  # SDXS cannot run without it: say so at load time
+        return sdxs_host.load_unet(root, dtype), te, vae16_host.load_vae(root / "vae", dtype)
+
+
+class SDXSUNetLoader:
+    DESCRIPTION = ("Loads an SDXS UNet single file (diffusers UNet2DConditionModel keys) from models/diffusion_models. "
+                   "Its unet/config.json must sit beside it as <name>.json and the scheduler config as "
+                   "<name>.scheduler.json (the head count and noise schedule are not in the weights); the VAE's "
+                   "config.json as <name>.vae.json sets the latent scaling (else 0.18215, shift 0).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "unet_name": (folder_paths.get_filename_list("diffusion_models"),
+                          {"tooltip": "An SDXS UNet .safetensors in models/diffusion_models, with <name>.json (the "
+                                      "snapshot's unet/config.json), <name>.scheduler.json and optionally "
+                                      "<name>.vae.json (latent scaling) beside it."}),
+            "dtype": DTYPE_INPUT,
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The SDXS UNet as a ComfyUI MODEL.",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, unet_name, dtype):
+        return (sdxs_host.load_unet(model_file("diffusion_models", unet_name, SDXS_HINT), dtype),)
+
+
+def _check_size(name: str, value: int):
+    if value % 8 != 0 or not 64 <= value <= MAX_SIDE:
+        nearest = min(max(64, round(value / 8) * 8), MAX_SIDE)
+        return f"{name} must be a multiple of 8 between 64 and {MAX_SIDE} (the VAE's 8x grid); got {value}, nearest valid: {nearest}"
+    return None
+
+
+def _pooled(conditioning, batch: int, dim: int, which: str) -> torch.Tensor:
+    """The SDXS context [B,1,dim] from a CONDITIONING: its pooled_output (MexmaSigLIPEncode with the projector)."""
+    if not conditioning:
+        raise ValueError(f"{which} conditioning is empty: connect a MexmaSigLIPEncode output")
+    tensor, extras = conditioning[0][0], conditioning[0][1]
+    pooled = extras.get("pooled_output")
+    if pooled is None:
+        if tensor.shape[-1] == dim and tensor.ndim == 3:  # already SDXS-shaped states from elsewhere
+            pooled = tensor
+        else:
+            raise ValueError(f"{which} conditioning has no pooled MEXMA-SigLIP embedding: {MISSING_PROJECTOR}")
+    pooled = pooled.reshape(pooled.shape[0], -1, dim) if pooled.ndim != 3 else pooled
+    if pooled.shape[-1] != dim:
+        raise ValueError(f"{which} conditioning is {pooled.shape[-1]}-d; this UNet needs {dim}-d (MEXMA-SigLIP pooled)")
+    if pooled.shape[0] not in (1, batch):
+        raise ValueError(f"{which} conditioning has batch {pooled.shape[0]}, the latent has {batch}")
+    return pooled.expand(batch, -1, -1) if pooled.shape[0] == 1 else pooled
+
+
+class SDXSSampler:
+    DESCRIPTION = ("Samples SDXS as the reference pipeline does: CFG batch [negative, positive] and DDPM steps from "
+                   "the snapshot's scheduler config. ddpm is the reference's ancestral sampler: the initial latent and "
+                   "every step's noise come from one CPU generator seeded with `seed`, so a seed gives the reference "
+                   "image. ddim is the deterministic alternative (eta 0) on the same schedule.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The SDXS UNet (SDXSSnapshotLoader or SDXSUNetLoader)."}),
+            "positive": ("CONDITIONING", {"tooltip": "MexmaSigLIPEncode of the prompt (needs the projector)."}),
+            "negative": ("CONDITIONING", {"tooltip": "MexmaSigLIPEncode of the negative prompt (\"\" by default)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
+                             "tooltip": "Seeds one CPU torch.Generator: the initial latent (whole batch), then each "
+                                        "DDPM step's noise, in the reference pipeline's order."}),
+            "steps": ("INT", {"default": 40, "min": 1, "max": 1000, "tooltip": "Scheduler steps (SDXS card: 40)."}),
+            "cfg": ("FLOAT", {"default": 5.5, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+                              "tooltip": "Classifier-free guidance scale (SDXS card: 5.5; 1 skips the negative)."}),
+            "width": ("INT", {"default": 576, "min": 64, "max": MAX_SIDE, "step": 8,
+                              "tooltip": "Image width in pixels, a multiple of 8 (SDXS card: 576). Ignored when "
+                                         "latent_image is given."}),
+            "height": ("INT", {"default": 576, "min": 64, "max": MAX_SIDE, "step": 8,
+                               "tooltip": "Image height in pixels, a multiple of 8 (SDXS card: 576). Ignored when "
+                                          "latent_image is given."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                   "tooltip": "Images per run. Ignored when latent_image is given."}),
+            "sampler": (list(ddpm.SAMPLERS), {"default": "ddpm",
+                                              "tooltip": "ddpm: the reference's stochastic DDPM steps (seed-exact). "
+                                                         "ddim: deterministic DDIM (eta 0) on the same schedule."}),
+            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                  "tooltip": "1.0 = text-to-image. Below 1 with latent_image: image-to-image, running "
+                                             "the last `steps` of a steps/denoise schedule."}),
+        }, "optional": {
+            "latent_image": ("LATENT", {"tooltip": "Start from this latent (VAEEncode of an image) for img2img; sets "
+                                                   "size and batch."}),
+        }}
+
+    RETURN_TYPES = ("LATENT",)
+    OUTPUT_TOOLTIPS = ("Raw 16-channel VAE latents (decode with AuraVAE16Decode or VAEDecode).",)
+    FUNCTION = "sample"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, width, height):
+        return _check_size("width", width) or _check_size("height", height) or True
+
+    def sample(self, model, positive, negative, seed, steps, cfg, width, height, batch_size, sampler, denoise,
+               latent_image=None):
+        base = model.model
+        if not isinstance(base, sdxs_host.SDXSModel):
+            raise ValueError(f"SDXSSampler needs the SDXS UNet; got {type(base).__name__} (use the Waifu sampler for "
+                             "Waifu models)")
+        fmt = base.latent_format
+        start = None
+        if latent_image is not None:
+            start = latent_image["samples"]
+            if start.ndim != 4 or start.shape[1] != fmt.latent_channels:
+                raise ValueError(f"latent_image has shape {tuple(start.shape)}; SDXS needs {fmt.latent_channels}-channel "
+                                 f"latents [B,{fmt.latent_channels},H/8,W/8]")
+            shape = tuple(start.shape)
+            start = fmt.process_in(start.float())
+            if denoise >= 1.0:
+                start = None
+        else:
+            shape = (batch_size, fmt.latent_channels, height // 8, width // 8)
+        unet = base.diffusion_model
+        dim = unet.params.cross_attention_dim
+        cond = _pooled(positive, shape[0], dim, "positive")
+        uncond = _pooled(negative, shape[0], dim, "negative")
+        use_cfg = cfg != 1.0
+        context = torch.cat([uncond, cond]) if use_cfg else cond
+
+        mm.load_models_gpu([model])
+        device = model.load_device
+        dtype = base.manual_cast_dtype or base.get_dtype()
+        context = context.to(device=device, dtype=dtype)
+        preview = latent_preview.prepare_callback(model, steps)
+
+        def model_fn(x, t):
+            mm.throw_exception_if_processing_interrupted()
+            x_in = torch.cat([x, x]) if use_cfg else x
+            t_in = torch.cat([t, t]) if use_cfg else t
+            out = unet(x_in.to(dtype), t_in, context=context).float()
+            if use_cfg:
+                u, c = out.chunk(2)
+                out = u + cfg * (c - u)
+            return out
+
+        def callback(i, x0, x_next):
+            preview(i, x0, x_next, steps)
+
+        generator = torch.Generator("cpu").manual_seed(int(seed))
+        with torch.inference_mode():
+            out = ddpm.sample(model_fn, base.schedule, shape, steps, generator, sampler, start=start,
+                              denoise=denoise, device=device, callback=callback)
+        return ({"samples": fmt.process_out(out).to(mm.intermediate_device())},)
+
+
+NODES = {
+    "SDXSSnapshotLoader": (SDXSSnapshotLoader, "Load SDXS Snapshot (AiArtLab, diffusers folder)"),
+    "SDXSUNetLoader": (SDXSUNetLoader, "Load SDXS UNet (AiArtLab)"),
+    "SDXSSampler": (SDXSSampler, "SDXS Sampler (DDPM / DDIM)"),
+}

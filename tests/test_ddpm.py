@@ -1,0 +1,97 @@
+"""DDPM / DDIM schedule and steps vs diffusers' DDPMScheduler / DDIMScheduler.
+
+Bounds: timesteps identical; every step's prev_sample exactly equal (same float32 operations), checked at
+<= 1e-6 abs to stay robust to BLAS-free elementwise reordering; the whole seeded loop equal to diffusers'
+(initial latent and per-step noise from one CPU generator in the reference's order).
+"""
+import numpy as np
+import pytest
+import torch
+
+from waifukit.ddpm import DDPMParams, DiscreteSchedule, sample
+
+diffusers = pytest.importorskip("diffusers")
+
+CONFIGS = [
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="epsilon",
+         timestep_spacing="leading", steps_offset=1, clip_sample=False),
+    dict(beta_schedule="linear", prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=False,
+         rescale_betas_zero_snr=True),
+    dict(beta_schedule="squaredcos_cap_v2", prediction_type="sample", timestep_spacing="linspace", clip_sample=True,
+         variance_type="fixed_large"),
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="epsilon",
+         timestep_spacing="leading", variance_type="fixed_small_log", clip_sample=False),
+]
+
+
+def _fake_model(x, t):
+    # a deterministic function of (x, t) standing in for the UNet + CFG
+    return torch.tanh(x * 0.7 + t.view(-1, 1, 1, 1) / 1000.0)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("steps", [1, 7, 40])
+def test_ddpm_loop_equals_diffusers(cfg, steps):
+    ref = diffusers.DDPMScheduler(**cfg)
+    ours = DiscreteSchedule(DDPMParams.from_scheduler_config(dict(ref.config)))
+    ref.set_timesteps(steps)
+    assert np.array_equal(ours.timesteps(steps), ref.timesteps.numpy())
+
+    shape, seed = (2, 4, 6, 5), 1234
+    g = torch.Generator("cpu").manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    for t in ref.timesteps:
+        x = ref.step(_fake_model(x, t.float().expand(2)), t, x, generator=g).prev_sample
+    got = sample(_fake_model, ours, shape, steps, torch.Generator("cpu").manual_seed(seed), "ddpm")
+    assert (got - x).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("steps", [1, 9, 40])
+def test_ddim_eta0_equals_diffusers(cfg, steps):
+    ddpm = diffusers.DDPMScheduler(**cfg)
+    ref = diffusers.DDIMScheduler.from_config(ddpm.config)
+    ours = DiscreteSchedule(DDPMParams.from_scheduler_config(dict(ddpm.config)))
+    ref.set_timesteps(steps)
+    shape, seed = (1, 4, 5, 5), 7
+    x = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed))
+    for t in ref.timesteps:
+        x = ref.step(_fake_model(x, t.float().expand(1)), t, x, eta=0.0).prev_sample
+    got = sample(_fake_model, ours, shape, steps, torch.Generator("cpu").manual_seed(seed), "ddim")
+    assert (got - x).abs().max().item() <= 1e-6
+
+
+def test_single_steps_exact():
+    """Each DDPM step bit-identical to diffusers' with the same noise draw."""
+    ref = diffusers.DDPMScheduler(**CONFIGS[0])
+    ours = DiscreteSchedule(DDPMParams.from_scheduler_config(dict(ref.config)))
+    ref.set_timesteps(10)
+    ts = ref.timesteps.tolist()
+    g = torch.Generator().manual_seed(0)
+    x, out = (torch.randn(1, 4, 4, 4, generator=g) for _ in range(2))
+    for i, t in enumerate(ts):
+        prev = ts[i + 1] if i + 1 < len(ts) else -1
+        noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(i))
+        mine, _ = ours.ddpm_step(out, t, prev, x, noise)
+        theirs = ref.step(out, torch.tensor(t), x, generator=torch.Generator().manual_seed(i)).prev_sample
+        assert torch.equal(mine, theirs), t
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (dict(thresholding=True), "thresholding"),
+    (dict(variance_type="learned_range"), "variance_type"),
+    (dict(beta_schedule="sigmoid"), "beta_schedule"),
+    (dict(_class_name="FlowMatchEulerDiscreteScheduler"), "FlowMatchEulerDiscreteScheduler"),
+])
+def test_unsupported_config_refused(bad, needle):
+    with pytest.raises(ValueError, match=needle):
+        DDPMParams.from_scheduler_config(dict(CONFIGS[0], **bad))
+
+
+def test_img2img_tail_of_schedule():
+    ours = DiscreteSchedule(DDPMParams.from_scheduler_config(CONFIGS[0]))
+    seen = []
+    start = torch.zeros(1, 4, 4, 4)
+    sample(lambda x, t: (seen.append(int(t[0])), torch.zeros_like(x))[1], ours, start.shape, 5,
+           torch.Generator().manual_seed(0), "ddim", start=start, denoise=0.5)
+    assert seen == ours.timesteps(10)[-5:].tolist()

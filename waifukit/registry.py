@@ -10,6 +10,18 @@ MODELS = {
         "default_steps": 20,
         "default_cfg": 4.5,
     },
+    "sdxs": {
+        "hf_repo": "AiArtLab/sdxs",
+        "family": "sdxs",
+        "comfy_folder": "diffusers/sdxs",
+        "default_steps": 40,
+        "default_cfg": 5.5,
+    },
+    "mexma-siglip": {
+        "hf_repo": "visheratin/mexma-siglip",
+        "family": "mexma",
+        "comfy_folder": "text_encoders/mexma-siglip",
+    },
     "wuerstchen-prior": {
         "hf_repo": "warp-ai/wuerstchen-prior",
         "family": "wuerstchen",

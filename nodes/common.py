@@ -33,6 +33,10 @@ def pick_dtype(choice: str, device, auto):
 
 
 
+TEXT_DEVICE_INPUT = (["default", "cpu"], {"default": "default",
+                                          "tooltip": "Where the text encoder runs: default follows ComfyUI's model "
+                                                     "management; cpu keeps it off the GPU to save VRAM."})
+
 
 def model_file(kind: str, name: str, hint: str = FETCH_HINT) -> Path:
     """Full path of a file listed in a ComfyUI model folder, or a CheckpointError naming it and the fix."""

@@ -8,7 +8,7 @@ import folder_paths
 import torch
 
 from . import mexma_host
-from .common import CATEGORY, DTYPE_INPUT, model_file
+from .common import CATEGORY, DTYPE_INPUT, TEXT_DEVICE_INPUT, model_file
 
 
 def _text_encoder_choices() -> list[str]:
@@ -42,7 +42,7 @@ class MexmaSigLIPLoader:
                                               "is looked for in <name>_tokenizer/, <name>.tokenizer.json, tokenizer/ or "
                                               "tokenizer.json beside it."}),
             "dtype": DTYPE_INPUT,
-        }}
+        }, "optional": {"device": TEXT_DEVICE_INPUT}}
 
     RETURN_TYPES = ("MEXMA_SIGLIP",)
     RETURN_NAMES = ("text_encoder",)
@@ -50,8 +50,8 @@ class MexmaSigLIPLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, text_encoder_name, dtype):
-        return (mexma_host.load_text_encoder(_text_encoder_path(text_encoder_name), dtype),)
+    def load(self, text_encoder_name, dtype, device="default"):
+        return (mexma_host.load_text_encoder(_text_encoder_path(text_encoder_name), dtype, device=device),)
 
 
 class MexmaSigLIPEncode:

@@ -69,9 +69,15 @@ class MexmaTextEncoder:
             raise ValueError(f"{self.source}: {MISSING_PROJECTOR}")
 
 
-def load_text_encoder(path: Path, dtype_choice: str = "auto", tokenizer: Path | None = None) -> MexmaTextEncoder:
+def load_text_encoder(path: Path, dtype_choice: str = "auto", tokenizer: Path | None = None,
+                      device: str = "default") -> MexmaTextEncoder:
     res = resolve_mexma(path, tokenizer)
-    load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
+    # device="cpu" keeps the text tower off the GPU (and its VRAM for the diffusion model), like core's
+    # "Force CLIP device" idiom; it then also computes in fp32 under dtype auto.
+    if device == "cpu":
+        load_device = offload_device = torch.device("cpu")
+    else:
+        load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
     dtype = pick_dtype(dtype_choice, load_device, lambda: mm.text_encoder_dtype(load_device))
     module = MexmaSigLIPText(res.text_params, res.projector_dim, res.projector_bias, dtype=dtype,
                              device=offload_device).eval()

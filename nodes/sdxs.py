@@ -15,7 +15,7 @@ from ..waifukit import ddpm
 from ..waifukit.mexma import MISSING_PROJECTOR
 from ..waifukit.sdxs import is_sdxs_snapshot
 from . import mexma_host, sdxs_host, vae16_host
-from .common import CATEGORY, DTYPE_INPUT, diffusers_folder, diffusers_folders, model_file
+from .common import CATEGORY, DTYPE_INPUT, TEXT_DEVICE_INPUT, diffusers_folder, diffusers_folders, model_file
 
 SDXS_HINT = ("Get the weights with: huggingface-cli download AiArtLab/sdxs "
              "--local-dir ComfyUI/models/diffusers/sdxs")
@@ -33,7 +33,7 @@ class SDXSSnapshotLoader:
                          {"tooltip": "A folder under models/diffusers with unet/, text_encoder/ (+ text_projector/), "
                                      "tokenizer/, vae/ and scheduler/. " + SDXS_HINT}),
             "dtype": DTYPE_INPUT,
-        }}
+        }, "optional": {"text_encoder_device": TEXT_DEVICE_INPUT}}
 
     RETURN_TYPES = ("MODEL", "MEXMA_SIGLIP", "VAE")
     RETURN_NAMES = ("model", "text_encoder", "vae")
@@ -43,10 +43,10 @@ class SDXSSnapshotLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, snapshot, dtype):
+    def load(self, snapshot, dtype, text_encoder_device="default"):
         root = diffusers_folder(snapshot, is_sdxs_snapshot,
                                 "SDXS snapshot (needs unet/, text_encoder/, tokenizer/, vae/, scheduler/)", SDXS_HINT)
-        te = mexma_host.load_text_encoder(root, dtype)
+        te = mexma_host.load_text_encoder(root, dtype, device=text_encoder_device)
         te.require_projector()  # SDXS cannot run without it: say so at load time
         return sdxs_host.load_unet(root, dtype), te, vae16_host.load_vae(root / "vae", dtype)
 

@@ -15,7 +15,7 @@ from ..waifukit.flow import flow_sigmas, initial_noise, sample_flow_euler
 from ..waifukit.loading import is_waifu_snapshot
 from ..waifukit.registry import FETCH_HINT, WAIFU_BUCKETS, bucket_label
 from . import mexma_host, vae16_host, waifu_host
-from .common import CATEGORY, DTYPE_INPUT, diffusers_folder, diffusers_folders, model_file
+from .common import CATEGORY, DTYPE_INPUT, TEXT_DEVICE_INPUT, diffusers_folder, diffusers_folders, model_file
 
 MAX_SIDE = 8192
 
@@ -30,7 +30,7 @@ class WaifuSnapshotLoader:
                          {"tooltip": "A folder under models/diffusers with transformer/, text_encoder/, tokenizer/, "
                                      "vae/ and scheduler/. " + FETCH_HINT}),
             "dtype": DTYPE_INPUT,
-        }}
+        }, "optional": {"text_encoder_device": TEXT_DEVICE_INPUT}}
 
     RETURN_TYPES = ("MODEL", "MEXMA_SIGLIP", "VAE")
     RETURN_NAMES = ("model", "text_encoder", "vae")
@@ -40,10 +40,10 @@ class WaifuSnapshotLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, snapshot, dtype):
+    def load(self, snapshot, dtype, text_encoder_device="default"):
         root = diffusers_folder(snapshot, is_waifu_snapshot,
                                 "Waifu snapshot (needs transformer/, text_encoder/, tokenizer/, vae/, scheduler/)")
-        return (waifu_host.load_dit(root, dtype), mexma_host.load_text_encoder(root, dtype),
+        return (waifu_host.load_dit(root, dtype), mexma_host.load_text_encoder(root, dtype, device=text_encoder_device),
                 vae16_host.load_vae(root / "vae", dtype))
 
 

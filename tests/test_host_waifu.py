@@ -109,7 +109,7 @@ def test_single_file_loaders_match_snapshot(host):
     wf = workflow(seed=3, steps=2, width=128, height=128)
     expected = run_ok(host, wf)[0]
     wf["10"] = {"class_type": "LinearDiTLoader", "inputs": {"unet_name": "waifu-2b-transformer.safetensors", "dtype": "fp32"}}
-    wf["11"] = {"class_type": "MexmaSigLIPLoader", "inputs": {"text_encoder_name": "mexma-text.safetensors", "dtype": "fp32"}}
+    wf["11"] = {"class_type": "MexmaSigLIPLoader", "inputs": {"text_encoder_name": "mexma-text.safetensors", "dtype": "fp32", "device": "cpu"}}
     wf["12"] = {"class_type": "AuraVAE16Loader", "inputs": {"vae_name": "aura-16ch-vae.safetensors", "dtype": "fp32"}}
     wf["4"]["inputs"]["model"] = ["10", 0]
     wf["2"]["inputs"]["text_encoder"] = wf["3"]["inputs"]["text_encoder"] = ["11", 0]

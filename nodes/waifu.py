@@ -11,7 +11,8 @@ import comfy.model_management as mm
 import folder_paths
 import latent_preview
 
-from ..waifukit.flow import flow_sigmas, initial_noise, sample_flow_euler
+from ..waifukit.flow import flow_sigmas, initial_noise
+from ..waifukit.fused import sample_flow_euler_fast
 from ..waifukit.loading import is_waifu_snapshot
 from ..waifukit.registry import FETCH_HINT, WAIFU_BUCKETS, bucket_label
 from . import mexma_host, vae16_host, waifu_host
@@ -161,16 +162,15 @@ class LinearDiTSampler:
         dtype = base.manual_cast_dtype or base.get_dtype()
         preview = latent_preview.prepare_callback(model, steps)
 
-        def model_fn(xb, t, ctx, mask):
-            mm.throw_exception_if_processing_interrupted()
-            return dit(xb.to(dtype), t, ctx.to(dtype), attention_mask=mask)
-
         def callback(i, x0, x_next):
             preview(i, x0, x_next, steps)
 
+        # The fused loop (text K/V once per image, padded tokens trimmed, sync-free CFG+Euler, Triton on CUDA) is
+        # tested to give the eager sampler's latents; WAIFU_KERNELS=eager forces the eager kernels.
         with torch.inference_mode():
-            out = sample_flow_euler(model_fn, x.to(device), sigmas.to(device), cond.to(device), cond_mask.to(device),
-                                    uncond.to(device), uncond_mask.to(device), cfg, callback)
+            out = sample_flow_euler_fast(dit, x.to(device), sigmas.to(device), cond.to(device), cond_mask.to(device),
+                                         uncond.to(device), uncond_mask.to(device), cfg, callback,
+                                         interrupt=mm.throw_exception_if_processing_interrupted, dtype=dtype)
         return ({"samples": fmt.process_out(out).to(mm.intermediate_device())},)
 
 

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
+from .kernels import linear_attention_eager
 from .ops import TorchOps, cast_like
 
 
@@ -295,17 +297,9 @@ def to_sana_layout(sd: dict) -> dict:
 # Layers
 # ---------------------------------------------------------------------------------------------------
 
-def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
-    """ReLU linear attention on token-major [B, N, heads, dim] tensors:
-    O_n = (sum_m v_m relu(k_m)^T) relu(q_n) / (relu(q_n) . sum_m relu(k_m) + eps).
-    Sums over all tokens overflow half precision, so it always accumulates in fp32."""
-    dtype = q.dtype
-    q, k, v = F.relu(q).float(), F.relu(k).float(), v.float()
-    kv = torch.einsum("bnhd,bnhe->bhde", k, v)          # [B, heads, dk, dv]
-    k_sum = k.sum(dim=1)                                 # [B, heads, dk]
-    num = torch.einsum("bnhd,bhde->bnhe", q, kv)
-    den = torch.einsum("bnhd,bhd->bnh", q, k_sum).unsqueeze(-1)
-    return (num / (den + eps)).to(dtype)
+# The eager ReLU linear attention (token-major [B, N, heads, dim], fp32 state) lives with its Triton twin in
+# waifukit.kernels; re-exported here under its historical name.
+linear_attention = linear_attention_eager
 
 
 class RMSNorm(nn.Module):
@@ -331,8 +325,9 @@ class LinearSelfAttention(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
+        # Strided token-major views of the qkv output: no transposes; the dispatcher picks Triton on CUDA.
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).unbind(2)
-        out = self.proj(linear_attention(q, k, v, self.eps).reshape(B, N, C))
+        out = self.proj(kernels.linear_attention(q, k, v, self.eps).reshape(B, N, C))
         if out.dtype == torch.float16:  # as upstream: keep fp16 finite
             out = out.clip(-65504, 65504)
         return out
@@ -476,6 +471,14 @@ class _FinalLayer(nn.Module):
         return self.linear(self.norm_final(x) * (1 + scale) + shift)
 
 
+@dataclass
+class TextKV:
+    """Per-image caption cache from :meth:`LinearDiT.encode_context`: per block (k, v), each [B, heads, L, dim],
+    and the additive mask bias [B, 1, 1, L] (or None)."""
+    kv: list
+    mask_bias: "torch.Tensor | None"
+
+
 class LinearDiT(nn.Module):
     """Sana Linear DiT; ``forward`` returns the velocity prediction."""
 
@@ -508,7 +511,17 @@ class LinearDiT(nn.Module):
         bias = (1.0 - m.to(device=device, dtype=torch.float32)) * -10000.0
         return bias.to(dtype)[:, None, None, :]
 
-    def forward(self, x, timesteps, context, attention_mask=None, **kwargs):
+    def encode_context(self, context, attention_mask=None, dtype=None) -> "TextKV":
+        """Everything the blocks need from the caption, computed once per image instead of once per step:
+        the caption projection + norm, the additive mask bias and every block's cross-attention K/V.
+        Pass the result as ``forward(..., kv_cache=...)`` (``context``/``attention_mask`` are then ignored)."""
+        dtype = dtype or context.dtype
+        B, L = context.shape[:2]
+        ctx = self.attention_y_norm(self.y_embedder(context.to(dtype)))
+        mask_bias = self._mask_bias(attention_mask, B, L, dtype, context.device)
+        return TextKV([block.cross_attn.cross_kv(ctx) for block in self.blocks], mask_bias)
+
+    def forward(self, x, timesteps, context, attention_mask=None, kv_cache: "TextKV | None" = None, **kwargs):
         # kwargs: ComfyUI's transformer_options / control etc. are accepted and ignored.
         p = self.params
         B, _, Hi, Wi = x.shape
@@ -524,11 +537,16 @@ class LinearDiT(nn.Module):
         temb = self.t_embedder(t, dtype)                 # [B, H], also drives the final layer
         t0 = self.t_block(temb)                          # [B, 6H] block modulation
 
-        context = self.attention_y_norm(self.y_embedder(context.to(dtype)))
-        mask_bias = self._mask_bias(attention_mask, B, context.shape[1], dtype, x.device)
-
-        for block in self.blocks:
-            tokens = block(tokens, t0, context, mask_bias, hw)
+        if kv_cache is None:
+            context = self.attention_y_norm(self.y_embedder(context.to(dtype)))
+            mask_bias = self._mask_bias(attention_mask, B, context.shape[1], dtype, x.device)
+            for block in self.blocks:
+                tokens = block(tokens, t0, context, mask_bias, hw)
+        else:
+            if len(kv_cache.kv) != len(self.blocks):
+                raise ValueError(f"kv_cache has {len(kv_cache.kv)} blocks, the model {len(self.blocks)}")
+            for block, kv in zip(self.blocks, kv_cache.kv):
+                tokens = block(tokens, t0, None, kv_cache.mask_bias, hw, kv=kv)
 
         out = self.final_layer(tokens, temb)             # [B, h*w, p*p*C]
         ps = p.patch_size

@@ -1,0 +1,200 @@
+"""Benchmark: the ReLU linear-attention core at Waifu's shape (70 heads x 32, batch 2 = one CFG step).
+
+Compares, on the same inputs and in the same run:
+  ours     waifukit.kernels.linear_attention (the default dispatch: Triton on CUDA, eager torch elsewhere), fed
+           strided token-major views of one qkv buffer [B, N, 3C], as LinearSelfAttention does;
+  eager    our pure-torch twin (GPU only, to show what the kernel buys);
+  diffusers the math of diffusers' SanaLinearAttnProcessor2_0 re-implemented op for op (q, k, v from separate
+           projections [B, N, C]; transposes, relu, fp32 casts, pad, two matmuls, divide, layout change, cast).
+GPU: bf16, CUDA events, median of the repeats; µs, GB/s (q, k, v read once + output written once) and % of the
+HBM roofline. CPU (no GPU): fp32 at a reduced width (hidden 448 = 14 heads) and ratios only, plus peak RSS per
+call measured in a fresh subprocess.
+
+    .venv/bin/python bench/linear_attention.py            # writes bench/results/linear_attention-<device>.txt
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from waifukit import kernels  # noqa: E402
+
+HEAD_DIM = 32
+# Nominal HBM bandwidth (bytes/s) by device name; the measured copy bandwidth is printed as well.
+HBM = {"H100 SXM": 3.35e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H200": 4.8e12,
+       "A100-SXM4-80GB": 2.04e12, "A100 80GB PCIe": 1.94e12, "A100-SXM4-40GB": 1.56e12}
+
+
+def diffusers_math(q, k, v, heads, eps=1e-15):
+    """SanaLinearAttnProcessor2_0's core (diffusers 0.42.1), between the projections, op for op."""
+    dtype = q.dtype
+    query = q.transpose(1, 2).unflatten(1, (heads, -1))
+    key = k.transpose(1, 2).unflatten(1, (heads, -1)).transpose(2, 3)
+    value = v.transpose(1, 2).unflatten(1, (heads, -1))
+    query, key = F.relu(query), F.relu(key)
+    query, key, value = query.float(), key.float(), value.float()
+    value = F.pad(value, (0, 0, 0, 1), mode="constant", value=1.0)
+    scores = torch.matmul(value, key)
+    hs = torch.matmul(scores, query)
+    hs = hs[:, :, :-1] / (hs[:, :, -1:] + eps)
+    return hs.flatten(1, 2).transpose(1, 2).to(dtype)
+
+
+def make_inputs(B, N, heads, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    C = heads * HEAD_DIM
+    qkv = torch.randn(B, N, 3 * C, generator=g).to(device=device, dtype=dtype)
+    ours = qkv.view(B, N, 3, heads, HEAD_DIM).unbind(2)
+    theirs = tuple(t.contiguous() for t in qkv.view(B, N, 3, C).unbind(2))  # separate to_q/to_k/to_v outputs
+    return ours, theirs
+
+
+def variants(heads):
+    return {
+        "ours": lambda o, t: kernels.linear_attention(*o, 1e-8),
+        "eager": lambda o, t: kernels.linear_attention_eager(*o, 1e-8),
+        "diffusers": lambda o, t: diffusers_math(*t, heads),
+    }
+
+
+def time_gpu(fn, reps=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(out)
+
+
+def time_cpu_interleaved(fns: dict, reps=7):
+    """Median wall time per variant, variants interleaved so that load from other processes hits all alike."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t) * 1e6)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def worker(spec):
+    """Subprocess: peak RSS growth (KiB) during one call of one variant (VmHWM reset just before the call)."""
+    B, N, heads, name = spec["B"], spec["N"], spec["heads"], spec["variant"]
+    o, t = make_inputs(B, N, heads, torch.float32, "cpu")
+    fn = variants(heads)[name]
+    fn(o, t)                                   # first-call allocations (thread pools, caches) out of the way
+    base = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                           # reset the peak-RSS watermark (Linux >= 4.0)
+    fn(o, t)
+    print("RSS" + json.dumps(_status_kb("VmHWM") - base))
+
+
+def peak_rss(B, N, heads, variant):
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(dict(B=B, N=N, heads=heads, variant=variant))],
+                       capture_output=True, text=True, env=env, check=True)
+    return int(next(ln for ln in p.stdout.splitlines() if ln.startswith("RSS"))[3:])
+
+
+def device_tag():
+    if torch.cuda.is_available():
+        return re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower()
+    return "cpu"
+
+
+def main():
+    lines = []
+
+    def emit(s=""):
+        print(s, flush=True)
+        lines.append(s)
+
+    B = 2
+    if torch.cuda.is_available():
+        dev, name = torch.device("cuda"), torch.cuda.get_device_name()
+        heads, dtype = 70, torch.bfloat16
+        bw = next((v for k, v in HBM.items() if k in name), None)
+        big = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+        copy_us = time_gpu(lambda: big.clone(), reps=10)
+        copy_bw = 2 * big.numel() / (copy_us * 1e-6)
+        del big
+        emit(f"device: {name}  torch {torch.__version__}  kernels={kernels.kernel_mode()} "
+             f"(triton path: {kernels.use_triton(dev)})")
+        emit(f"HBM nominal {bw / 1e12 if bw else float('nan'):.2f} TB/s, measured 1 GiB copy {copy_bw / 1e12:.2f} TB/s")
+        emit(f"attention core, B={B}, {heads} heads x {HEAD_DIM}, bf16, median of 20 (CUDA events)")
+        emit(f"{'px':>5} {'N':>6} | {'ours us':>8} {'GB/s':>7} {'%HBM':>6} {'floor us':>8} | {'eager us':>8} "
+             f"{'diffusers us':>12} | {'vs eager':>8} {'vs diffusers':>12}")
+        for px in (512, 768, 1024):
+            N = (px // 8) ** 2
+            o, t = make_inputs(B, N, heads, dtype, dev)
+            fns = variants(heads)
+            us = {k: time_gpu(lambda f=f: f(o, t)) for k, f in fns.items()}
+            nbytes = 8 * B * N * heads * HEAD_DIM   # bf16 q, k, v read + out written
+            gbs = nbytes / (us["ours"] * 1e-6) / 1e9
+            peak = bw or copy_bw
+            emit(f"{px:>5} {N:>6} | {us['ours']:>8.1f} {gbs:>7.0f} {100 * gbs * 1e9 / peak:>5.1f}% "
+                 f"{nbytes / peak * 1e6:>8.1f} | {us['eager']:>8.1f} {us['diffusers']:>12.1f} | "
+                 f"{us['eager'] / us['ours']:>7.2f}x {us['diffusers'] / us['ours']:>11.2f}x")
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            mem = {}
+            for k, f in fns.items():
+                torch.cuda.reset_peak_memory_stats()
+                f(o, t)
+                mem[k] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            emit(f"{'':>14} peak extra MiB: ours {mem['ours']:.0f}, eager {mem['eager']:.0f}, "
+                 f"diffusers {mem['diffusers']:.0f}")
+    else:
+        heads, dtype = 14, torch.float32
+        emit(f"device: cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)  "
+             f"torch {torch.__version__}  kernels={kernels.kernel_mode()} (default path on CPU: eager torch)")
+        emit(f"attention core, B={B}, REDUCED width {heads} heads x {HEAD_DIM} (hidden {heads * HEAD_DIM}), fp32; "
+             "wall-clock median of 7 interleaved repeats; ratios only (CPU shared with other jobs)")
+        emit(f"{'px':>5} {'N':>6} | {'time ours/diffusers':>19} | {'peak RSS ours/diffusers':>23}")
+        for px in (256, 384, 512):
+            N = (px // 8) ** 2
+            o, t = make_inputs(B, N, heads, dtype, "cpu")
+            fns = variants(heads)
+            us = time_cpu_interleaved({k: (lambda f=f: f(o, t)) for k, f in fns.items() if k != "eager"})
+            rss = {k: peak_rss(B, N, heads, k) for k in ("ours", "diffusers")}
+            emit(f"{px:>5} {N:>6} | {us['ours'] / us['diffusers']:>19.3f} | {rss['ours'] / max(rss['diffusers'], 1):>23.3f}"
+                 f"   (abs: {us['ours']:.0f} vs {us['diffusers']:.0f} us; {rss['ours'] / 1024:.1f} vs "
+                 f"{rss['diffusers'] / 1024:.1f} MiB)")
+    out = ROOT / "bench" / "results" / f"linear_attention-{device_tag()}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        worker(json.loads(sys.argv[2]))
+    else:
+        main()

@@ -1,0 +1,224 @@
+"""Triton kernels (waifukit.kernels) against their eager twins.
+
+CPU: the kernels run in the Triton interpreter inside ONE subprocess (TRITON_INTERPRET must be set before triton is
+imported, and other test modules may already have imported it in this process); it prints JSON measurements that
+the tests below assert on. Bounds: fp32 <= 1e-5 relative, fp16/bf16 <= 1 ulp of the output dtype (the interpreter
+truncates fp32->bf16 stores instead of rounding), bitwise equal across two runs.
+GPU (real compile, autotune, torch.compile, CUDA graphs): skipped without CUDA.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import max_rel_err
+from waifukit import kernels
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_SCRIPT = r'''
+import json, os
+import torch
+from waifukit import kernels
+from waifukit.kernels import triton_kernels as tk
+from waifukit.sana import LinearDiT, LinearDiTParams
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+def ulps(a, b):
+    # distance in representable steps: map sign-magnitude bits to ordered integers
+    def ordered(t):
+        bits = t.contiguous().view(torch.int16).to(torch.int32)
+        return torch.where(bits < 0, -(bits & 0x7FFF), bits)
+    return (ordered(a) - ordered(b)).abs().max().item()
+
+def ulp_excess(out, ref32, dt):
+    # |out - exact| in units of the output dtype's ulp at the exact value, after allowing fp32 summation-order
+    # noise (1e-6 of the max): <= 1 means "within one ulp".
+    mant = 7 if dt == torch.bfloat16 else 10
+    e = torch.frexp(ref32.abs().clamp_min(2.0 ** -14))[1] - 1
+    ulp = torch.pow(2.0, (e - mant).double())
+    err = (out.double() - ref32.double()).abs() - 1e-6 * ref32.abs().max().double()
+    return (err.clamp_min(0) / ulp).max().item()
+
+res = {"autotune_bypassed": tk._la_state_run is tk._la_state and tk._la_apply_run is tk._la_apply, "la": [], "cfg": []}
+g = torch.Generator().manual_seed(0)
+cases = [(2, 200, 3, 32, None), (2, 1000, 4, 32, 3), (2, 1024, 2, 32, 4), (1, 64, 2, 16, None), (2, 37, 2, 64, None)]
+for dt in (torch.float32, torch.float16, torch.bfloat16):
+    for B, N, H, D, split in cases:
+        qkv = (torch.randn(B, N, 3 * H * D, generator=g) * 2).to(dt)
+        qkv[0, 5, :H * D] = -1.0                      # a token whose relu(q) is all zero -> 0, not NaN
+        q, k, v = qkv.view(B, N, 3, H, D).unbind(2)    # strided views, as LinearSelfAttention passes them
+        out = tk.linear_attention_triton(q, k, v, 1e-8, split=split)
+        again = tk.linear_attention_triton(q, k, v, 1e-8, split=split)
+        ref = kernels.linear_attention_eager(q, k, v, 1e-8)
+        r = {"dtype": str(dt), "shape": [B, N, H, D], "split": split, "rel": rel(out, ref),
+             "bitwise_repeat": bool(torch.equal(out, again)), "finite": bool(torch.isfinite(out).all()),
+             "zero_row": float(out[0, 5].abs().max()), "out_dtype": str(out.dtype),
+             "contiguous": out.is_contiguous()}
+        if dt != torch.float32:
+            ref32 = kernels.linear_attention_eager(q.float(), k.float(), v.float(), 1e-8)
+            r["ulps_vs_exact"] = ulp_excess(out, ref32, dt)
+            r["ulps_vs_eager_twin"] = ulps(out, ref)     # informational: both round the same fp32 values
+        res["la"].append(r)
+
+# eps is a parameter, and the dispatcher (torch.ops.waifu.*) is the path the model takes
+q, k, v = (torch.randn(2, 100, 2, 32, generator=g) for _ in range(3))
+res["eps"] = max(rel(kernels.linear_attention(q, k, v, e), kernels.linear_attention_eager(q, k, v, e))
+                 for e in (1e-15, 1e-8, 1e-2))
+
+# A whole tiny LinearDiT forward on the Triton path vs the eager path (7 heads x 32, N = 48, batch 2)
+p = LinearDiTParams(hidden_size=224, depth=2, cross_num_heads=2, caption_channels=64)
+torch.manual_seed(1)
+model = LinearDiT(p).eval()
+with torch.no_grad():
+    for prm in model.parameters():
+        prm.normal_(0, 0.05)
+    x, t = torch.randn(2, 16, 6, 8, generator=g), torch.tensor([900.0, 100.0])
+    ctx = torch.randn(2, 9, 64, generator=g)
+    out_triton = model(x, t, ctx)
+    os.environ["WAIFU_KERNELS"] = "eager"
+    out_eager = model(x, t, ctx)
+    os.environ["WAIFU_KERNELS"] = "triton"
+res["model_rel"] = rel(out_triton, out_eager)
+
+# Fused CFG + Euler at every sigma index, guided and not, v in fp32/fp16/bf16
+sig = torch.linspace(1, 0, 6) ** 2
+x = torch.randn(2, 16, 5, 7, generator=g)
+for vdt in (torch.float32, torch.float16, torch.bfloat16):
+    for guided in (True, False):
+        v = torch.randn(4 if guided else 2, 16, 5, 7, generator=g).to(vdt)
+        worst = 0.0
+        for i in range(5):
+            idx = torch.tensor([i])
+            a = kernels.cfg_euler(x, v, sig, idx, 4.5, True)
+            b = kernels.cfg_euler_eager(x, v, sig, idx, 4.5, True)
+            worst = max(worst, rel(a[0], b[0]), rel(a[1], b[1]))
+        res["cfg"].append({"vdtype": str(vdt), "guided": guided, "rel": worst})
+print("RESULT" + json.dumps(res))
+'''
+
+
+@pytest.fixture(scope="module")
+def interp():
+    env = dict(os.environ, TRITON_INTERPRET="1", WAIFU_KERNELS="triton", PYTHONPATH=str(ROOT),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+def test_interpreter_bypasses_autotune(interp):
+    assert interp["autotune_bypassed"]
+
+
+def test_linear_attention_kernel_matches_eager_twin(interp):
+    assert len(interp["la"]) == 15
+    for r in interp["la"]:
+        print(r)
+        assert r["finite"] and r["zero_row"] == 0.0 and r["contiguous"], r
+        assert r["out_dtype"] == r["dtype"], r
+        if r["dtype"] == "torch.float32":
+            assert r["rel"] <= 1e-5, r
+        else:
+            assert r["ulps_vs_exact"] <= 1.0, r
+
+
+def test_linear_attention_kernel_is_deterministic(interp):
+    assert all(r["bitwise_repeat"] for r in interp["la"])
+
+
+def test_eps_parameter_and_model_forward_on_triton_path(interp):
+    assert interp["eps"] <= 1e-5
+    assert interp["model_rel"] <= 1e-5
+
+
+def test_cfg_euler_kernel_matches_eager_twin(interp):
+    assert len(interp["cfg"]) == 6
+    for r in interp["cfg"]:
+        assert r["rel"] <= 1e-6, r
+
+
+def test_dispatch_modes(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("WAIFU_KERNELS", raising=False)
+    assert kernels.kernel_mode() == "auto" and not kernels.use_triton(cpu)
+    monkeypatch.setenv("WAIFU_KERNELS", "eager")
+    assert not kernels.use_triton(torch.device("cuda"))
+    monkeypatch.setenv("WAIFU_KERNELS", "cuda-please")
+    with pytest.raises(ValueError, match="WAIFU_KERNELS"):
+        kernels.kernel_mode()
+    monkeypatch.setenv("WAIFU_KERNELS", "auto")
+    q, k, v = (torch.randn(1, 10, 2, 32) for _ in range(3))
+    assert torch.equal(kernels.linear_attention(q, k, v, 1e-8), kernels.linear_attention_eager(q, k, v, 1e-8))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU only: the compiled kernels at Waifu's shape, torch.compile, CUDA graphs
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _qkv(B, N, H, D, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = torch.randn(B, N, 3 * H * D, generator=g, device="cuda", dtype=torch.float32).to(dtype)
+    return qkv.view(B, N, 3, H, D).unbind(2)
+
+
+@cuda
+@pytest.mark.parametrize("N", [9216, 16384, 1000])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_parity_waifu_shape(N, dtype):
+    tk = kernels.load_triton()
+    q, k, v = _qkv(2, N, 70, 32, dtype)
+    out = tk.linear_attention_triton(q, k, v, 1e-8)
+    ref = kernels.linear_attention_eager(q, k, v, 1e-8)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert max_rel_err(out.float(), ref.float()) <= tol
+    assert torch.equal(out, tk.linear_attention_triton(q, k, v, 1e-8))  # deterministic
+
+
+@cuda
+def test_gpu_compile_fullgraph_and_cuda_graph():
+    kernels.load_triton()
+    q, k, v = _qkv(2, 4096, 70, 32, torch.bfloat16)
+    fn = torch.compile(lambda a, b, c: kernels.linear_attention(a, b, c, 1e-8) * 2, fullgraph=True)
+    eager = kernels.linear_attention(q, k, v, 1e-8) * 2
+    assert torch.equal(fn(q, k, v), eager)
+    x = torch.randn(2, 16, 96, 96, device="cuda")
+    vv = torch.randn(4, 16, 96, 96, device="cuda")
+    sig = torch.linspace(1, 0, 5, device="cuda")
+    i = torch.zeros(1, dtype=torch.long, device="cuda")
+    kernels.cfg_euler(x, vv, sig, i, 4.5, True)                    # warm up / compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        xn, x0 = kernels.cfg_euler(x, vv, sig, i, 4.5, True)
+    for step in range(4):
+        i.fill_(step)
+        graph.replay()
+        a, b = kernels.cfg_euler_eager(x, vv, sig, i, 4.5, True)
+        assert max_rel_err(xn, a) <= 1e-6 and max_rel_err(x0, b) <= 1e-6
+
+
+def test_eager_twin_autograd_path_matches_inference_path():
+    g = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.bfloat16):
+        qkv = torch.randn(2, 50, 3 * 64, generator=g).to(dtype)
+        q, k, v = qkv.view(2, 50, 3, 2, 32).unbind(2)
+        with torch.no_grad():
+            fast = kernels.linear_attention_eager(q, k, v, 1e-8)
+        qkv.requires_grad_(True)
+        q, k, v = qkv.view(2, 50, 3, 2, 32).unbind(2)
+        slow = kernels.linear_attention_eager(q, k, v, 1e-8)
+        slow.float().sum().backward()
+        assert torch.equal(fast, slow.detach()) and qkv.grad is not None

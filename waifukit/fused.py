@@ -1,0 +1,132 @@
+"""The fast flow-Euler loop: same schedule, CFG and result as :func:`waifukit.flow.sample_flow_euler`, with the
+per-image work hoisted out of the step and the step made sync-free (so it can be CUDA-graph captured).
+
+What it does differently from the eager sampler (all exact, up to fp rounding order):
+- the caption projection, its norm, the mask bias and every block's cross-attention K/V are computed once per
+  image (``LinearDiT.encode_context``), not once per step;
+- padded text tokens after the last real token of the longest prompt in the batch are dropped (padded keys get a
+  -10000 bias, i.e. a softmax weight of exactly 0 in fp32/bf16; a batch with an all-padding row is not trimmed);
+- sigma and the step index stay on the device; guidance + Euler update is one fused op
+  (``waifukit.kernels.cfg_euler``: Triton on CUDA, torch ops elsewhere);
+- optional ``torch.compile`` of the step and optional CUDA-graph capture of one step (CUDA, static shapes; the
+  model must be fully resident, i.e. not ComfyUI low-VRAM partial loading).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from . import kernels
+from .sana import LinearDiT
+
+
+def _keep_len(mask: Optional[torch.Tensor]) -> Optional[int]:
+    """Text length to keep (last real token of any row, >= 1), or None when trimming is not exact/possible."""
+    if mask is None:
+        return None
+    m = mask[:, 0] if mask.ndim == 3 and mask.shape[1] == 1 else mask
+    real = m != 0
+    if real.ndim != 2 or not bool(real.any(dim=1).all()):
+        return None
+    pos = torch.arange(1, real.shape[1] + 1, device=real.device)
+    return max(1, int((real * pos).amax()))
+
+
+def trim_padding(context: torch.Tensor, mask: Optional[torch.Tensor]):
+    """Drop the text positions after the last real token of any row (at least one kept). Runs once per image
+    (one host read of the mask). Returns (context, mask) unchanged if there is no mask or a row has no real token
+    (softmax over only-masked keys is uniform over all of them, so trimming would change it)."""
+    keep = _keep_len(mask)
+    if keep is None:
+        return context, mask
+    m = mask[:, 0] if mask.ndim == 3 and mask.shape[1] == 1 else mask
+    return context[:, :keep], m[:, :keep]
+
+
+def sample_flow_euler_fast(dit: LinearDiT, x: torch.Tensor, sigmas: torch.Tensor,
+                           cond: torch.Tensor, cond_mask: Optional[torch.Tensor],
+                           uncond: Optional[torch.Tensor] = None, uncond_mask: Optional[torch.Tensor] = None,
+                           cfg: float = 1.0,
+                           callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+                           compile: bool = False, cuda_graph: bool = False,
+                           interrupt: Optional[Callable[[], None]] = None,
+                           dtype: Optional[torch.dtype] = None, trim: bool = True) -> torch.Tensor:
+    """Euler over ``sigmas`` from x at sigmas[0]; returns x (fp32) at sigmas[-1].
+
+    Same arguments and semantics as :func:`waifukit.flow.sample_flow_euler`, with the model object instead of a
+    ``model_fn``: CFG as one [uncond, cond] batch, v = v_u + cfg (v_c - v_u), cfg == 1 skips the unconditional
+    half, state in fp32. ``callback(i, x0_estimate, x_next)`` and ``interrupt()`` (which may raise to stop) run every
+    step. ``dtype`` is the model's compute dtype (default: the weights' dtype); inputs are cast to it like the
+    ComfyUI node's ``model_fn`` does. ``cuda_graph`` is ignored off CUDA."""
+    use_cfg = uncond is not None and cfg != 1.0
+    if use_cfg:
+        mask = None if cond_mask is None else torch.cat([uncond_mask, cond_mask])
+        # Trim before concatenating: the padded [2B, 512, 1024] caption batch is never materialised.
+        keep = _keep_len(mask) if trim else None
+        if keep is not None:
+            uncond, cond, mask = uncond[:, :keep], cond[:, :keep], mask[..., :keep]
+        context = torch.cat([uncond, cond])
+    else:
+        context, mask = cond, cond_mask
+    device = x.device
+    dtype = dtype or dit.dtype
+    x = x.float()
+    sig = sigmas.to(device=device, dtype=torch.float32).contiguous()
+    steps = sig.numel() - 1
+    if trim:
+        context, mask = trim_padding(context, mask)
+    want_x0 = callback is not None
+    batch = 2 * x.shape[0] if use_cfg else x.shape[0]
+
+    with torch.no_grad():
+        cache = dit.encode_context(context.to(device), None if mask is None else mask.to(device), dtype=dtype)
+
+        def step(x_cur: torch.Tensor, i: torch.Tensor):
+            s = sig.index_select(0, i)                    # device-side: no .item()
+            x_in = torch.cat([x_cur, x_cur]) if use_cfg else x_cur
+            t = (s * 1000.0).expand(batch)
+            v = dit(x_in.to(dtype), t, None, kv_cache=cache)
+            return kernels.cfg_euler(x_cur, v, sig, i, cfg, want_x0)
+
+        step_fn = torch.compile(step, dynamic=False) if compile else step
+        i_dev = torch.zeros(1, dtype=torch.long, device=device)
+
+        if cuda_graph and device.type == "cuda" and steps > 0:
+            return _run_graphed(step_fn, x, i_dev, steps, callback, interrupt)
+
+        for i in range(steps):
+            if interrupt is not None:
+                interrupt()
+            x_next, x0 = step_fn(x, i_dev)
+            if callback is not None:
+                callback(i, x0, x_next)
+            x = x_next
+            i_dev.add_(1)                                 # in-place on device, read by the next step
+        return x
+
+
+def _run_graphed(step_fn, x, i_dev, steps, callback, interrupt):
+    """Capture one step (including the state update) in a CUDA graph and replay it ``steps`` times."""
+    static_x = x.clone()
+    # Warm up on a side stream (Triton autotuning, compile, cuBLAS workspaces) before capture; the step is pure.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step_fn(static_x, i_dev)
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x_next, x0 = step_fn(static_x, i_dev)
+        static_x.copy_(x_next)
+        i_dev.add_(1)
+    for i in range(steps):
+        if interrupt is not None:
+            interrupt()
+        graph.replay()
+        if callback is not None:
+            # The buffers are overwritten by the next replay: hand out copies, as the eager loop hands out new tensors.
+            callback(i, x0.clone(), static_x.clone())
+    return static_x.clone()

@@ -1,0 +1,73 @@
+"""Kernel dispatch: Triton on CUDA when importable, the eager torch twins everywhere else.
+
+``WAIFU_KERNELS`` (read at every call) picks the path:
+  ``auto`` (default)  Triton for CUDA tensors if ``triton`` imports, else eager;
+  ``eager``           always the pure-torch twins;
+  ``triton``          always Triton (on CPU only with ``TRITON_INTERPRET=1`` set before import; slow, for tests).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from . import eager
+from .eager import cfg_euler as cfg_euler_eager
+from .eager import linear_attention as linear_attention_eager
+
+_MODES = ("auto", "eager", "triton")
+_triton_mod = None
+_triton_error: Optional[BaseException] = None
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("WAIFU_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"WAIFU_KERNELS={mode!r}; use one of {', '.join(_MODES)}")
+    return mode
+
+
+def load_triton():
+    """The Triton module, or None if triton cannot be imported (the error is kept for ``use_triton``)."""
+    global _triton_mod, _triton_error
+    if _triton_mod is None and _triton_error is None:
+        try:
+            from . import triton_kernels as mod
+            _triton_mod = mod
+        except Exception as e:  # ImportError, or a broken triton install
+            _triton_error = e
+    return _triton_mod
+
+
+def use_triton(device: torch.device) -> bool:
+    mode = kernel_mode()
+    if mode == "eager":
+        return False
+    if mode == "triton":
+        if load_triton() is None:
+            raise RuntimeError(f"WAIFU_KERNELS=triton but triton cannot be imported: {_triton_error!r}")
+        return True
+    return device.type == "cuda" and load_triton() is not None
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """ReLU linear attention on token-major [B, N, heads, dim] views (strided views of the qkv output are fine);
+    returns [B, N, heads, dim] in q's dtype. fp32 state and divide on both paths."""
+    if q.shape[-1] in (16, 32, 64, 128) and use_triton(q.device):
+        return torch.ops.waifu.relu_linear_attention(q, k, v, float(eps))
+    return linear_attention_eager(q, k, v, eps)
+
+
+def cfg_euler(x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, i: torch.Tensor, cfg: float,
+              want_x0: bool = False):
+    """x_next = x + (s[i+1] - s[i]) * (v_u + cfg (v_c - v_u)), and x0 = x - s[i] * v if ``want_x0``;
+    ``sigmas`` and the step index ``i`` (1-element int64) live on x's device: no host sync."""
+    if use_triton(x.device):
+        outs = torch.ops.waifu.cfg_euler(x, v, sigmas, i, float(cfg), bool(want_x0))
+        return outs[0], (outs[1] if want_x0 else None)
+    return cfg_euler_eager(x, v, sigmas, i, cfg, want_x0)
+
+
+__all__ = ["kernel_mode", "use_triton", "load_triton", "linear_attention", "cfg_euler",
+           "linear_attention_eager", "cfg_euler_eager", "eager"]

@@ -1,0 +1,76 @@
+"""Eager (pure torch) twins of the Triton kernels: same semantics, used on CPU/MPS, without Triton, and as the
+test oracle for the kernels. Nothing here synchronises with the host."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """ReLU linear attention on token-major [B, N, heads, dim] tensors (strided views are fine):
+    O_n = (sum_m v_m relu(k_m)^T) relu(q_n) / (relu(q_n) . sum_m relu(k_m) + eps).
+    Sums over all tokens overflow half precision, so it always accumulates in fp32. Returns a contiguous
+    [B, N, heads, dim] tensor in q's dtype (relu(q) == 0 gives 0).
+
+    Laid out for the CPU: each of q, k, v is copied once into a head-major fp32 buffer with the ReLU fused into
+    that copy (F.relu on the strided qkv views is several times slower), the state [S | z] is one [dim, dim+1]
+    matrix per head so numerator and denominator come out of one batched GEMM (Sana's pad trick, without
+    materialising a padded V), and the divide writes straight into the token-major output."""
+    B, N, H, D = q.shape
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _linear_attention_autograd(q, k, v, eps)
+    kh = _relu_head_major(k)
+    vh = torch.empty(kh.shape, dtype=torch.float32, device=v.device)
+    vh.copy_(v.transpose(1, 2))
+    state = torch.cat([torch.matmul(kh.transpose(-1, -2), vh), kh.sum(2).unsqueeze(-1)], -1)  # [B, H, D, D+1]
+    del kh, vh
+    o = torch.matmul(_relu_head_major(q), state)                                              # [B, H, N, D+1]
+    out = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device)
+    if q.dtype == torch.float32:
+        torch.div(o[..., :D], o[..., D:] + eps, out=out.transpose(1, 2))
+    else:  # out= must match the fp32 result dtype
+        out.transpose(1, 2).copy_(o[..., :D] / (o[..., D:] + eps))
+    return out
+
+
+def _relu_head_major(t: torch.Tensor) -> torch.Tensor:
+    """relu(t) as a contiguous fp32 [B, heads, N, dim] buffer, in one pass for fp32 input."""
+    B, N, H, D = t.shape
+    out = torch.empty((B, H, N, D), dtype=torch.float32, device=t.device)
+    if t.dtype == torch.float32:
+        torch.clamp_min(t.transpose(1, 2), 0, out=out)
+    else:  # clamp_min(out=) wants out in the input dtype: upcast (exact), then clamp in place
+        out.copy_(t.transpose(1, 2))
+        out.clamp_min_(0)
+    return out
+
+
+def _linear_attention_autograd(q, k, v, eps):
+    """Same math with differentiable ops only (out= ops do not support autograd)."""
+    dtype = q.dtype
+    q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
+    q, k = q.clamp_min(0), k.clamp_min(0)
+    state = torch.cat([torch.matmul(k.transpose(-1, -2), v), k.sum(2).unsqueeze(-1)], -1)
+    o = torch.matmul(q, state)
+    D = q.shape[-1]
+    return (o[..., :D] / (o[..., D:] + eps)).transpose(1, 2).contiguous().to(dtype)
+
+
+def cfg_euler(x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, i: torch.Tensor, cfg: float,
+              want_x0: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One flow-Euler step with classifier-free guidance, sigma and step index read on the device.
+
+    x [B, ...] fp32; v [2B, ...] ordered [uncond, cond] (guided with ``cfg``) or [B, ...] (used as is);
+    i a 1-element int64 tensor on x's device. Returns (x + (s[i+1] - s[i]) * v, x - s[i] * v or None), in the
+    op order of :func:`waifukit.flow.sample_flow_euler`, so the fp32 result is bitwise the same."""
+    # index_select with a device index never reads the index back to the host (plain indexing may).
+    i = i.reshape(1)
+    s0 = sigmas.index_select(0, i)
+    s1 = sigmas.index_select(0, i + 1)
+    v = v.float()
+    if v.shape[0] == 2 * x.shape[0]:
+        v_u, v_c = v.chunk(2)
+        v = v_u + cfg * (v_c - v_u)
+    x_next = x + (s1 - s0) * v
+    return x_next, (x - s0 * v) if want_x0 else None

@@ -222,3 +222,30 @@ def test_eager_twin_autograd_path_matches_inference_path():
         slow = kernels.linear_attention_eager(q, k, v, 1e-8)
         slow.float().sum().backward()
         assert torch.equal(fast, slow.detach()) and qkv.grad is not None
+
+
+def test_auto_mode_falls_back_to_eager_when_triton_fails(monkeypatch, caplog):
+    """A kernel that fails on some GPU/Triton version must not fail every prompt: auto mode warns once and
+    stays on the eager twins; WAIFU_KERNELS=triton still raises."""
+    import waifukit.kernels as K
+
+    def boom(*args):
+        raise RuntimeError("PTX compile failed")
+
+    monkeypatch.setattr(K, "_triton_failed", None)
+    monkeypatch.setattr(K, "load_triton", lambda: object())
+    monkeypatch.setattr(K, "_triton_linear_attention", boom)
+    monkeypatch.setenv("WAIFU_KERNELS", "auto")
+    q, k, v = (torch.randn(1, 8, 2, 16) for _ in range(3))
+    real_use_triton = K.use_triton
+    # Pretend these CPU tensors are on a GPU for the dispatcher.
+    monkeypatch.setattr(K, "use_triton", lambda device: real_use_triton(torch.device("cuda")))
+    assert K.use_triton(q.device)
+    out = K.linear_attention(q, k, v, 1e-8)
+    assert torch.equal(out, K.linear_attention_eager(q, k, v, 1e-8))
+    assert K._triton_failed is not None and "Triton kernel failed" in caplog.text
+    assert not real_use_triton(torch.device("cuda"))
+    monkeypatch.setattr(K, "_triton_failed", None)
+    monkeypatch.setenv("WAIFU_KERNELS", "triton")
+    with pytest.raises(RuntimeError, match="PTX"):
+        K.linear_attention(q, k, v, 1e-8)

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -19,6 +20,9 @@ from .eager import linear_attention as linear_attention_eager
 _MODES = ("auto", "eager", "triton")
 _triton_mod = None
 _triton_error: Optional[BaseException] = None
+# Set when a Triton kernel failed at run time (e.g. it does not compile on this GPU or Triton version): auto mode
+# then stays on the eager twins for the rest of the process instead of failing every prompt.
+_triton_failed: Optional[BaseException] = None
 
 
 def kernel_mode() -> str:
@@ -48,14 +52,35 @@ def use_triton(device: torch.device) -> bool:
         if load_triton() is None:
             raise RuntimeError(f"WAIFU_KERNELS=triton but triton cannot be imported: {_triton_error!r}")
         return True
-    return device.type == "cuda" and load_triton() is not None
+    return device.type == "cuda" and _triton_failed is None and load_triton() is not None
+
+
+def _guarded(fast, slow):
+    global _triton_failed
+    try:
+        return fast()
+    except Exception as e:
+        if kernel_mode() == "triton":
+            raise
+        _triton_failed = e
+        logging.warning("comfyui-waifu: Triton kernel failed (%r); using the eager kernels from now on "
+                        "(set WAIFU_KERNELS=eager to skip Triton)", e)
+        return slow()
+
+
+def _triton_linear_attention(q, k, v, eps):
+    return torch.ops.waifu.relu_linear_attention(q, k, v, float(eps))
+
+
+def _triton_cfg_euler(x, v, sigmas, i, cfg, want_x0):
+    return torch.ops.waifu.cfg_euler(x, v, sigmas, i, float(cfg), bool(want_x0))
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
     """ReLU linear attention on token-major [B, N, heads, dim] views (strided views of the qkv output are fine);
     returns [B, N, heads, dim] in q's dtype. fp32 state and divide on both paths."""
     if q.shape[-1] in (16, 32, 64, 128) and use_triton(q.device):
-        return torch.ops.waifu.relu_linear_attention(q, k, v, float(eps))
+        return _guarded(lambda: _triton_linear_attention(q, k, v, eps), lambda: linear_attention_eager(q, k, v, eps))
     return linear_attention_eager(q, k, v, eps)
 
 
@@ -64,8 +89,10 @@ def cfg_euler(x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, i: torch.T
     """x_next = x + (s[i+1] - s[i]) * (v_u + cfg (v_c - v_u)), and x0 = x - s[i] * v if ``want_x0``;
     ``sigmas`` and the step index ``i`` (1-element int64) live on x's device: no host sync."""
     if use_triton(x.device):
-        outs = torch.ops.waifu.cfg_euler(x, v, sigmas, i, float(cfg), bool(want_x0))
-        return outs[0], (outs[1] if want_x0 else None)
+        def fast():
+            outs = _triton_cfg_euler(x, v, sigmas, i, cfg, want_x0)
+            return outs[0], (outs[1] if want_x0 else None)
+        return _guarded(fast, lambda: cfg_euler_eager(x, v, sigmas, i, cfg, want_x0))
     return cfg_euler_eager(x, v, sigmas, i, cfg, want_x0)
 
 

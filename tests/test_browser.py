@@ -29,6 +29,22 @@ CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--di
                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+# Frame the whole graph for the screenshot (LiteGraph draws at (pos + offset) * scale).
+FIT_VIEW = """() => {
+    const c = window.app.canvas, nodes = window.app.graph._nodes;
+    let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+    for (const n of nodes) {
+        x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - 40);
+        x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
+    }
+    const W = c.canvas.clientWidth, H = c.canvas.clientHeight;
+    const s = Math.min((W - 140) / (x1 - x0), (H - 160) / (y1 - y0), 1.0);
+    c.ds.scale = s;
+    c.ds.offset = [90 / s - x0, 110 / s - y0];
+    c.setDirty(true, true);
+}"""
+
+
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     base = tmp_path_factory.mktemp("browser")
@@ -93,6 +109,8 @@ def test_example_workflow_in_the_browser(host, page, path):
                            timeout=30_000)
     red = page.evaluate("() => window.app.graph._nodes.filter(n => n.has_errors).map(n => n.type)")
     assert red == []
+    page.evaluate(FIT_VIEW)
+    page.wait_for_timeout(300)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
 

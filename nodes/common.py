@@ -38,6 +38,25 @@ TEXT_DEVICE_INPUT = (["default", "cpu"], {"default": "default",
                                                      "management; cpu keeps it off the GPU to save VRAM."})
 
 
+def check_side(name: str, value: int, multiple: int, lowest: int, highest: int, why: str):
+    """A validation message for an image side that is off the model's grid (with the nearest valid value), or
+    None. Used from VALIDATE_INPUTS, which turns off ComfyUI's own range check for the inputs it names."""
+    if value % multiple or not lowest <= value <= highest:
+        nearest = min(max(lowest, round(value / multiple) * multiple), highest)
+        return (f"{name} must be a multiple of {multiple} between {lowest} and {highest} ({why}); got {value}, "
+                f"nearest valid: {nearest}")
+    return None
+
+
+def start_latent(latent_image, fmt, family: str):
+    """(shape, raw latents) of an optional LATENT input, checked against the model's latent format."""
+    start = latent_image["samples"]
+    if start.ndim != 4 or start.shape[1] != fmt.latent_channels:
+        raise ValueError(f"latent_image has shape {tuple(start.shape)}; {family} needs {fmt.latent_channels}-channel "
+                         f"latents [B,{fmt.latent_channels},H/8,W/8]")
+    return tuple(start.shape), start
+
+
 def model_file(kind: str, name: str, hint: str = FETCH_HINT) -> Path:
     """Full path of a file listed in a ComfyUI model folder, or a CheckpointError naming it and the fix."""
     path = folder_paths.get_full_path(kind, name)

@@ -15,7 +15,8 @@ from ..waifukit import ddpm
 from ..waifukit.mexma import MISSING_PROJECTOR
 from ..waifukit.sdxs import is_sdxs_snapshot
 from . import mexma_host, sdxs_host, vae16_host
-from .common import CATEGORY, DTYPE_INPUT, TEXT_DEVICE_INPUT, diffusers_folder, diffusers_folders, model_file
+from .common import (CATEGORY, DTYPE_INPUT, TEXT_DEVICE_INPUT, check_side, diffusers_folder, diffusers_folders,
+                     model_file, start_latent)
 
 SDXS_HINT = ("Get the weights with: huggingface-cli download AiArtLab/sdxs "
              "--local-dir ComfyUI/models/diffusers/sdxs")
@@ -77,10 +78,7 @@ class SDXSUNetLoader:
 
 
 def _check_size(name: str, value: int):
-    if value % 8 != 0 or not 64 <= value <= MAX_SIDE:
-        nearest = min(max(64, round(value / 8) * 8), MAX_SIDE)
-        return f"{name} must be a multiple of 8 between 64 and {MAX_SIDE} (the VAE's 8x grid); got {value}, nearest valid: {nearest}"
-    return None
+    return check_side(name, value, 8, 64, MAX_SIDE, "the VAE's 8x grid")
 
 
 def _pooled(conditioning, batch: int, dim: int, which: str) -> torch.Tensor:
@@ -157,11 +155,7 @@ class SDXSSampler:
         fmt = base.latent_format
         start = None
         if latent_image is not None:
-            start = latent_image["samples"]
-            if start.ndim != 4 or start.shape[1] != fmt.latent_channels:
-                raise ValueError(f"latent_image has shape {tuple(start.shape)}; SDXS needs {fmt.latent_channels}-channel "
-                                 f"latents [B,{fmt.latent_channels},H/8,W/8]")
-            shape = tuple(start.shape)
+            shape, start = start_latent(latent_image, fmt, "SDXS")
             start = fmt.process_in(start.float())
             if denoise >= 1.0:
                 start = None

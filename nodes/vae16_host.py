@@ -2,59 +2,34 @@
 AutoencoderKL, so stock VAEDecode / VAEEncode accept it."""
 from __future__ import annotations
 
+import json
+import logging
+import os
 from pathlib import Path
 
 import torch
 
-import json
-import logging
-import os
-
 import comfy.model_management as mm
-import comfy.model_patcher
-import comfy.sd
 import folder_paths
 
 from ..waifukit import loading
 from ..waifukit.preview import fit_latent_rgb
 from ..waifukit.vae import AutoencoderKL
 from .common import pick_dtype
+from .native_vae import WORKING_DTYPES, NativeVAE
 
 
-class AuraVAE(comfy.sd.VAE):
-    """comfy.sd.VAE around the native AutoencoderKL, set up the way core sets up a KL VAE, without core's
-    key sniffing (which always builds a mid-block attention the 16ch VAE may not have)."""
+class AuraVAE(NativeVAE):
+    """The native AutoencoderKL as a ComfyUI VAE (pixels in [-1, 1], 8x), with an fp16 overflow guard."""
 
-    WORKING_DTYPES = [torch.bfloat16, torch.float32]
+    WORKING_DTYPES = WORKING_DTYPES
 
     def __init__(self, module: AutoencoderKL, latent_channels: int, source: Path, dtype):
-        self.memory_used_encode = lambda shape, dtype: 1767 * shape[2] * shape[3] * mm.dtype_size(dtype)
-        self.memory_used_decode = lambda shape, dtype: 2178 * shape[2] * shape[3] * 64 * mm.dtype_size(dtype)
-        self.downscale_ratio = 8
-        self.upscale_ratio = 8
-        self.latent_channels = latent_channels
-        self.latent_dim = 2
-        self.output_channels = 3
-        self.process_input = lambda image: image * 2.0 - 1.0
-        self.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
-        self.working_dtypes = self.WORKING_DTYPES
-        self.disable_offload = False
-        self.not_video = False
-        self.size = None
-        self.downscale_index_formula = None
-        self.upscale_index_formula = None
-        self.extra_1d_channel = None
-        self.crop_input = True
-        self.first_stage_model = module.eval()
-        self.device = mm.vae_device()
-        offload_device = mm.vae_offload_device()
-        self.vae_dtype = dtype
-        self.first_stage_model.to(self.vae_dtype)
-        self.output_device = mm.intermediate_device()
-        self.patcher = comfy.model_patcher.ModelPatcher(self.first_stage_model, load_device=self.device,
-                                                        offload_device=offload_device)
-        self.source = source
-        self.model_size()
+        # Core's AutoencoderKL estimates, so model management budgets our decode like its own.
+        super().__init__(module, latent_channels=latent_channels, ratio=8, source=source, dtype=dtype,
+                         process_input=lambda image: image * 2.0 - 1.0,
+                         process_output=lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0),
+                         encode_bytes=1767, decode_bytes=2178 * 64)
 
     def decode(self, samples_in, vae_options={}):
         out = super().decode(samples_in, vae_options)

@@ -16,7 +16,8 @@ from ..waifukit.fused import sample_flow_euler_fast
 from ..waifukit.loading import is_waifu_snapshot
 from ..waifukit.registry import FETCH_HINT, WAIFU_BUCKETS, bucket_label
 from . import mexma_host, vae16_host, waifu_host
-from .common import CATEGORY, DTYPE_INPUT, TEXT_DEVICE_INPUT, diffusers_folder, diffusers_folders, model_file
+from .common import (CATEGORY, DTYPE_INPUT, TEXT_DEVICE_INPUT, check_side, diffusers_folder, diffusers_folders,
+                     model_file, start_latent)
 
 MAX_SIDE = 8192
 
@@ -70,10 +71,7 @@ class LinearDiTLoader:
 
 
 def _check_size(name: str, value: int):
-    if value % 64 != 0 or not 64 <= value <= MAX_SIDE:
-        nearest = min(max(64, round(value / 64) * 64), MAX_SIDE)
-        return f"{name} must be a multiple of 64 between 64 and {MAX_SIDE} (Waifu's patch grid); got {value}, nearest valid: {nearest}"
-    return None
+    return check_side(name, value, 64, 64, MAX_SIDE, "Waifu's patch grid")
 
 
 def _cond(conditioning, batch: int, which: str):
@@ -141,11 +139,7 @@ class LinearDiTSampler:
         base = model.model
         fmt = base.latent_format
         if latent_image is not None:
-            start = latent_image["samples"]
-            if start.ndim != 4 or start.shape[1] != fmt.latent_channels:
-                raise ValueError(f"latent_image has shape {tuple(start.shape)}; Waifu needs "
-                                 f"{fmt.latent_channels}-channel latents [B,{fmt.latent_channels},H/8,W/8]")
-            shape = tuple(start.shape)
+            shape, start = start_latent(latent_image, fmt, "Waifu")
         else:
             shape = (batch_size, fmt.latent_channels, height // 8, width // 8)
             start = None

@@ -16,7 +16,7 @@ import folder_paths
 from ..waifukit.registry import fetch_hint
 from ..waifukit.wuerstchen_sched import SCHEDULES, timesteps
 from . import wuerstchen_host as host
-from .common import CATEGORY, DTYPE_INPUT, diffusers_folder, diffusers_folders, model_file
+from .common import CATEGORY, DTYPE_INPUT, check_side, diffusers_folder, diffusers_folders, model_file
 
 PRIOR_HINT = fetch_hint("wuerstchen-prior")
 DECODER_HINT = fetch_hint("wuerstchen")
@@ -178,11 +178,8 @@ class WuerstchenTextEncode:
 
 
 def _check_size(name: str, value: int):
-    if value % SIDE_STEP or not SIDE_STEP <= value <= MAX_SIDE:
-        nearest = min(max(SIDE_STEP, round(value / SIDE_STEP) * SIDE_STEP), MAX_SIDE)
-        return (f"{name} must be a multiple of {SIDE_STEP} between {SIDE_STEP} and {MAX_SIDE} (the sizes Würstchen's "
-                f"Stage C -> Stage B -> Stage A chain reproduces exactly); got {value}, nearest valid: {nearest}")
-    return None
+    return check_side(name, value, SIDE_STEP, SIDE_STEP, MAX_SIDE,
+                      "the sizes Würstchen's Stage C -> Stage B -> Stage A chain reproduces exactly")
 
 
 def _text(conditioning, batch: int, width: int, which: str, stage: str, clip_from: str) -> torch.Tensor:

@@ -17,7 +17,6 @@ import torch.nn as nn
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
-import comfy.sd
 import comfy.utils
 
 from ..waifukit import loading
@@ -27,6 +26,7 @@ from ..waifukit.wuerstchen_decoder import WuerstchenDiffNeXt, resolve_decoder
 from ..waifukit.wuerstchen_prior import WuerstchenPrior, resolve_prior
 from ..waifukit.wuerstchen_sched import WuerstchenDDPM, WuerstchenScheduleParams, sample
 from .common import param_count, pick_dtype
+from .native_vae import WORKING_DTYPES, NativeVAE
 
 # fp16 is known to break Stable Cascade's Stage C (NaN/black, Comfy-Org/ComfyUI#2824); nothing shows v2 is
 # safe, so auto never picks it for Stage C/B: bf16 where supported, else fp32. fp16 stays an explicit choice.
@@ -123,36 +123,14 @@ class _StageA(nn.Module):
         return self.vq.encode(x) / self.scale
 
 
-class WuerstchenVQGAN(comfy.sd.VAE):
-    """comfy.sd.VAE around the native Paella VQGAN (set up by hand: core's key sniffing would take it for
-    Stable Cascade's Stage A with its 0.43 scale)."""
+class WuerstchenVQGAN(NativeVAE):
+    """The native Paella VQGAN as a ComfyUI VAE: pixels in [0, 1] as the VQGAN takes them."""
 
     def __init__(self, vq: PaellaVQ, source: Path, dtype):
-        self.memory_used_encode = lambda shape, dtype: 1200 * shape[2] * shape[3] * mm.dtype_size(dtype)
-        self.memory_used_decode = lambda shape, dtype: 1200 * shape[2] * shape[3] * 16 * mm.dtype_size(dtype)
-        self.downscale_ratio = self.upscale_ratio = vq.params.downscale
-        self.latent_channels = vq.params.latent_channels
-        self.latent_dim = 2
-        self.output_channels = 3
-        self.process_input = lambda image: image  # pixels in [0,1], as the VQGAN takes them
-        self.process_output = lambda image: torch.clamp(image, min=0.0, max=1.0)
-        self.working_dtypes = [torch.bfloat16, torch.float32]
-        self.disable_offload = False
-        self.not_video = False
-        self.size = None
-        self.downscale_index_formula = None
-        self.upscale_index_formula = None
-        self.extra_1d_channel = None
-        self.crop_input = True
-        self.first_stage_model = _StageA(vq).eval()
-        self.device = mm.vae_device()
-        self.vae_dtype = dtype
-        self.first_stage_model.to(dtype)
-        self.output_device = mm.intermediate_device()
-        self.patcher = comfy.model_patcher.ModelPatcher(self.first_stage_model, load_device=self.device,
-                                                        offload_device=mm.vae_offload_device())
-        self.source = source
-        self.model_size()
+        super().__init__(_StageA(vq), latent_channels=vq.params.latent_channels, ratio=vq.params.downscale,
+                         source=source, dtype=dtype, process_input=lambda image: image,
+                         process_output=lambda image: torch.clamp(image, min=0.0, max=1.0),
+                         encode_bytes=1200, decode_bytes=1200 * 16)
 
 
 def load_vqgan(path: Path, dtype_choice: str = "auto") -> WuerstchenVQGAN:
@@ -160,7 +138,7 @@ def load_vqgan(path: Path, dtype_choice: str = "auto") -> WuerstchenVQGAN:
     vq = PaellaVQ(params, dtype=torch.float32)
     loading.load_strict(vq, sd, weights)
     device = mm.vae_device()
-    dtype = pick_dtype(dtype_choice, device, lambda: mm.vae_dtype(device, [torch.bfloat16, torch.float32]))
+    dtype = pick_dtype(dtype_choice, device, lambda: mm.vae_dtype(device, WORKING_DTYPES))
     return WuerstchenVQGAN(vq, weights, dtype)
 
 

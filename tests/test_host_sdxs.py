@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from comfy_host import ComfyHost, error_message  # noqa: E402
+from comfy_host import ComfyHost  # noqa: E402
+
+from host_checks import assert_pixels_match, run_failed, run_ok, ui_to_api  # noqa: E402
 
 from fixtures.mexma_snapshot import build_mexma_siglip  # noqa: E402
 from fixtures.sdxs_snapshot import build_sdxs_snapshot, load_reference, reference_images  # noqa: E402
@@ -69,24 +70,6 @@ def workflow(**sampler):
     wf["1"]["inputs"]["dtype"] = "fp32"
     wf["4"]["inputs"].update(sampler)
     return wf
-
-
-def run_ok(host, wf) -> list[np.ndarray]:
-    entry = host.run(wf)
-    assert entry["status"]["status_str"] == "success", error_message(entry) or entry["status"]
-    return [np.asarray(Image.open(p).convert("RGB")) for p in host.output_images(entry)]
-
-
-def assert_pixels_match(ours: np.ndarray, ref: np.ndarray):
-    assert ours.shape == ref.shape
-    diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
-    assert diff.mean() <= 1.0 and diff.max() <= 8.0, f"mean {diff.mean():.3f}/255, max {diff.max():.0f}/255"
-
-
-def _failure(host, wf) -> str:
-    entry = host.run(wf)
-    assert entry["status"]["status_str"] == "error"
-    return error_message(entry)
 
 
 def test_nodes_registered_with_tooltips(host):
@@ -160,7 +143,7 @@ def test_bad_inputs_give_clear_errors_and_server_survives(host, case, expect):
     else:
         wf["20"] = {"class_type": "MexmaSigLIPLoader", "inputs": {"text_encoder_name": "xlmr-only.safetensors", "dtype": "auto"}}
         wf["2"]["inputs"]["text_encoder"] = wf["3"]["inputs"]["text_encoder"] = ["20", 0]
-    message = _failure(host, wf)
+    message = run_failed(host, wf)
     for needle in expect:
         assert needle.lower() in message.lower(), message
     assert host.get("/system_stats")
@@ -172,7 +155,6 @@ def test_bad_size_rejected_before_running(host):
 
 
 def test_ui_workflow_is_the_api_workflow(host):
-    from test_host_waifu import ui_to_api
     ui = json.loads((ROOT / "example_workflows" / "sdxs_t2i.json").read_text())
     info = host.get("/object_info")
     expected = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in API.items()}

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from comfy_host import ComfyHost, error_message  # noqa: E402
+from comfy_host import ComfyHost  # noqa: E402
+
+from host_checks import assert_pixels_match, run_failed, run_ok, ui_to_api  # noqa: E402
 
 from fixtures.waifu_snapshot import build_waifu_snapshot, load_reference, reference_images  # noqa: E402
 
@@ -66,18 +67,6 @@ def workflow(**sampler):
     wf = copy.deepcopy(API)
     wf["4"]["inputs"].update(sampler)
     return wf
-
-
-def run_ok(host, wf) -> list[np.ndarray]:
-    entry = host.run(wf)
-    assert entry["status"]["status_str"] == "success", error_message(entry) or entry["status"]
-    return [np.asarray(Image.open(p).convert("RGB")) for p in host.output_images(entry)]
-
-
-def assert_pixels_match(ours: np.ndarray, ref: np.ndarray):
-    assert ours.shape == ref.shape
-    diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
-    assert diff.mean() <= 1.0 and diff.max() <= 8.0, f"mean {diff.mean():.3f}/255, max {diff.max():.0f}/255"
 
 
 def test_nodes_registered_with_tooltips(host):
@@ -144,12 +133,6 @@ def test_empty_prompt_is_valid(host):
     assert len(run_ok(host, wf)) == 1
 
 
-def _failure(host, wf) -> str:
-    entry = host.run(wf)
-    assert entry["status"]["status_str"] == "error"
-    return error_message(entry)
-
-
 @pytest.mark.parametrize("node,inputs,expect", [
     ("LinearDiTLoader", {"unet_name": "actually-a-vae.safetensors", "dtype": "auto"}, ["actually-a-vae.safetensors", "VAE"]),
     ("LinearDiTLoader", {"unet_name": "truncated.safetensors", "dtype": "auto"}, ["truncated.safetensors", "download it again"]),
@@ -163,7 +146,7 @@ def test_bad_files_give_clear_errors_and_server_survives(host, node, inputs, exp
     wf["20"] = {"class_type": node, "inputs": inputs}
     target = {"MODEL": ("4", "model"), "VAE": ("5", "vae"), "MEXMA_SIGLIP": ("2", "text_encoder")}[outputs[node]]
     wf[target[0]]["inputs"][target[1]] = ["20", 0]
-    message = _failure(host, wf)
+    message = run_failed(host, wf)
     for needle in expect:
         assert needle.lower() in message.lower(), message
     assert host.get("/system_stats")  # still serving
@@ -178,32 +161,6 @@ def test_bad_sizes_and_steps_rejected_before_running(host):
     assert code == 400 and "steps" in json.dumps(body)
     # And a good prompt still runs afterwards.
     assert len(run_ok(host, workflow(steps=1, width=64, height=64))) == 1
-
-
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
-
-
-def ui_to_api(ui: dict, object_info: dict) -> dict:
-    """What the frontend does on Queue: widget values by position, links by id (ComfyUI's rules for V1 nodes)."""
-    links = {link[0]: link for link in ui["links"]}
-    api = {}
-    for node in ui["nodes"]:
-        spec = object_info[node["type"]]["input"]
-        linked = {i["name"]: i["link"] for i in node.get("inputs", []) if i.get("link") is not None}
-        widgets = list(node.get("widgets_values", []))
-        inputs = {}
-        for section in ("required", "optional"):
-            for name, (typ, *opts) in spec.get(section, {}).items():
-                if name in linked:
-                    link = links[linked[name]]
-                    inputs[name] = [str(link[1]), link[2]]
-                elif isinstance(typ, list) or typ in WIDGET_TYPES:
-                    inputs[name] = widgets.pop(0)
-                    if opts and opts[0].get("control_after_generate"):
-                        widgets.pop(0)  # the "fixed/randomize" value stored after a seed
-        assert not widgets, f"node {node['id']} has {len(widgets)} widget values left over"
-        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return api
 
 
 def test_ui_workflow_is_the_api_workflow(host):

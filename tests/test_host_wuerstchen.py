@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from comfy_host import ComfyHost, error_message  # noqa: E402
+from comfy_host import ComfyHost  # noqa: E402
+
+from host_checks import assert_pixels_match, run_failed, run_ok, ui_to_api  # noqa: E402
 
 from fixtures.wuerstchen_snapshot import install_wuerstchen, load_reference, reference_images  # noqa: E402
-from test_host_waifu import ui_to_api  # noqa: E402
 
 pytestmark = pytest.mark.host
 
@@ -68,25 +68,6 @@ def workflow(c=None, b=None, prompt=PROMPT, negative=""):
     wf["5"]["inputs"].update(c or {})
     wf["7"]["inputs"].update(b or {})
     return wf
-
-
-def run_ok(host, wf) -> list[np.ndarray]:
-    entry = host.run(wf)
-    assert entry["status"]["status_str"] == "success", error_message(entry) or entry["status"]
-    return [np.asarray(Image.open(p).convert("RGB")) for p in host.output_images(entry)]
-
-
-def assert_pixels_match(ours: np.ndarray, ref: np.ndarray):
-    assert ours.shape == ref.shape
-    diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
-    print(f"pixel diff vs diffusers: mean {diff.mean():.3f}/255, max {diff.max():.0f}/255")
-    assert diff.mean() <= 1.0 and diff.max() <= 8.0, f"mean {diff.mean():.3f}/255, max {diff.max():.0f}/255"
-
-
-def _failure(host, wf) -> str:
-    entry = host.run(wf)
-    assert entry["status"]["status_str"] == "error", entry["status"]
-    return error_message(entry)
 
 
 def test_nodes_registered_with_tooltips(host):
@@ -156,7 +137,7 @@ def test_wrong_files_give_clear_errors_and_server_survives(host, node, inputs, t
     wf = workflow(dict(width=128, height=128, steps=1), dict(steps=1))
     wf["20"] = {"class_type": node, "inputs": dict(inputs, dtype="auto")}
     wf[target[0]]["inputs"][target[1]] = ["20", 0]
-    message = _failure(host, wf)
+    message = run_failed(host, wf)
     for needle in expect:
         assert needle.lower() in message.lower(), message
     assert host.get("/system_stats")
@@ -166,26 +147,26 @@ def test_wrong_wiring_gives_clear_errors(host):
     # The decoder's CLIP into Stage C.
     wf = workflow(dict(width=128, height=128, steps=1), dict(steps=1))
     wf["3"]["inputs"]["clip"] = ["2", 1]
-    assert "WuerstchenPriorLoader" in _failure(host, wf)
+    assert "WuerstchenPriorLoader" in run_failed(host, wf)
     # An ordinary 4-channel latent as Stage B embeddings.
     wf = workflow(dict(width=128, height=128, steps=1), dict(steps=1))
     wf["30"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}}
     wf["7"]["inputs"]["embeddings"] = ["30", 0]
-    assert "WuerstchenStageC's output" in _failure(host, wf)
+    assert "WuerstchenStageC's output" in run_failed(host, wf)
     # Embeddings resized after Stage C: they no longer match the image Stage C was asked for.
     wf = workflow(dict(width=256, height=256, steps=1), dict(steps=1))
     wf["31"] = {"class_type": "LatentUpscale", "inputs": {"samples": ["5", 0], "upscale_method": "nearest-exact",
                                                           "width": 400, "height": 400, "crop": "disabled"}}
     wf["7"]["inputs"]["embeddings"] = ["31", 0]
-    message = _failure(host, wf)
+    message = run_failed(host, wf)
     assert "made them for 256x256" in message, message
     # Stage C embeddings straight into Stage A.
     wf = workflow(dict(width=128, height=128, steps=1), dict(steps=1))
     wf["8"]["inputs"]["samples"] = ["5", 0]
-    assert "WuerstchenStageB first" in _failure(host, wf)
+    assert "WuerstchenStageB first" in run_failed(host, wf)
     # Decoder CFG without a negative.
     wf = workflow(dict(width=128, height=128, steps=1), dict(steps=1, cfg=2.0))
-    assert "negative" in _failure(host, wf)
+    assert "negative" in run_failed(host, wf)
 
 
 def test_bad_sizes_and_steps_rejected_before_running(host):

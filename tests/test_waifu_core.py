@@ -13,7 +13,7 @@ from waifukit import loading
 from waifukit.flow import flow_sigmas, initial_noise, sample_flow_euler
 from waifukit.sana import LinearDiT, to_sana_layout
 from waifukit.vae import AutoencoderKL
-from waifukit.xlmr import XLMRobertaTextModel
+from waifukit.mexma import MexmaSigLIPText, resolve_mexma
 
 MULTILINGUAL = ["Девушка с зонтиком под дождём", "一只可爱的猫在花园里", "桜の下で笑う少女", "A girl, Silver Hair  ", ""]
 
@@ -26,6 +26,14 @@ def snap(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ref(snap):
     return load_reference(snap)
+
+
+def _text_tower(path):
+    """The Waifu text path exactly as the loader nodes resolve it: per-token XLM-R states and the tokenizer."""
+    res = resolve_mexma(path)
+    te = MexmaSigLIPText(res.text_params, res.projector_dim, res.projector_bias).eval()
+    loading.load_strict(te, res.text_state_dict, res.source)
+    return te.text_model, res.tokenizer
 
 
 def _build(resolved, cls):
@@ -57,8 +65,7 @@ def test_denoise_keeps_the_tail_of_a_longer_schedule():
 
 
 def test_multilingual_prompts_tokenize_and_encode_like_reference(snap, ref):
-    res = loading.resolve_text_encoder(snap)
-    te, tok = _build(res, XLMRobertaTextModel), res.extra["tokenizer"]
+    te, tok = _text_tower(snap)
     ids, mask = tok([p.lower().strip() for p in MULTILINGUAL])
     ref_tok = ref["tokenizer"]([p.lower().strip() for p in MULTILINGUAL], padding="max_length", max_length=512,
                                truncation=True, return_tensors="pt")
@@ -71,8 +78,8 @@ def test_multilingual_prompts_tokenize_and_encode_like_reference(snap, ref):
 
 def test_eager_pipeline_latents_match_reference(snap, ref):
     """Text tower + Linear DiT + flow-Euler with CFG, all ours, vs diffusers' scheduler loop: fp32, <= 1e-4."""
-    te_res, dit_res = loading.resolve_text_encoder(snap), loading.resolve_linear_dit(snap)
-    te, tok, dit = _build(te_res, XLMRobertaTextModel), te_res.extra["tokenizer"], _build(dit_res, LinearDiT)
+    dit_res = loading.resolve_linear_dit(snap)
+    (te, tok), dit = _text_tower(snap), _build(dit_res, LinearDiT)
     assert dit_res.extra["shift"] == 3.0
     prompts, seed, steps, cfg = ["Ночной город, неон"] * 2, 11, 3, 4.5
     cond, cond_mask = encode(te, tok, prompts)
@@ -145,7 +152,7 @@ def test_missing_tokenizer_is_a_clear_error(snap, tmp_path):
     lone.parent.mkdir()
     lone.write_bytes((snap / "text_encoder" / "model.fp16.safetensors").read_bytes())
     with pytest.raises(loading.CheckpointError, match="(?s)mexma.safetensors.*tokenizer.json"):
-        loading.resolve_text_encoder(lone)
+        resolve_mexma(lone)
 
 
 def test_diffusers_and_sana_layouts_are_the_same_model(snap):

@@ -270,7 +270,7 @@ def find_clip_tokenizer(weights: Path) -> Path:
 
 def resolve_clip_text(path: Path, tokenizer: Optional[Path] = None):
     """(params, state dict, weights file, tokenizer) for a text_encoder/ folder, a snapshot root or a file."""
-    from .wuerstchen_common import load_component
+    from .loading import load_component
     sd, cfg, weights = load_component(path, "text_encoder")
     try:
         sd = to_native_layout(sd)

@@ -78,7 +78,7 @@ def find_weights(folder: Path) -> Path:
     raise CheckpointError(f"{folder}: several weight files ({', '.join(p.name for p in found)}); keep one")
 
 
-def _load_component(path: Path, sub: str) -> tuple[dict, Optional[dict], Path]:
+def load_component(path: Path, sub: str) -> tuple[dict, Optional[dict], Path]:
     """(state dict, config.json or None, weights file) for a file, a component folder or a snapshot root."""
     path = Path(path)
     if path.is_dir():
@@ -93,7 +93,7 @@ def _load_component(path: Path, sub: str) -> tuple[dict, Optional[dict], Path]:
     return read_state_dict(weights), cfg, weights
 
 
-def _convert(fn, sd, weights: Path, family: str):
+def convert_layout(fn, sd, weights: Path, family: str):
     try:
         return fn(sd)
     except ValueError as e:
@@ -110,8 +110,8 @@ class Resolved:
 
 def resolve_linear_dit(path: Path) -> Resolved:
     from .sana import LinearDiTParams, to_sana_layout
-    sd, cfg, weights = _load_component(path, "transformer")
-    sd = _convert(to_sana_layout, sd, weights, "Waifu/Sana Linear DiT")
+    sd, cfg, weights = load_component(path, "transformer")
+    sd = convert_layout(to_sana_layout, sd, weights, "Waifu/Sana Linear DiT")
     try:
         params = LinearDiTParams.from_diffusers_config(cfg) if cfg else LinearDiTParams.infer(sd)
     except (ValueError, KeyError) as e:
@@ -125,23 +125,6 @@ def resolve_linear_dit(path: Path) -> Resolved:
         except ValueError as e:
             raise CheckpointError(f"{sched}: {e}") from None
     return Resolved(params, sd, weights, {"shift": shift})
-
-
-def resolve_text_encoder(path: Path, tokenizer: Optional[Path] = None) -> Resolved:
-    from .tokenizer import XLMRTokenizer
-    from .xlmr import XLMRobertaParams, to_native_layout
-    sd, cfg, weights = _load_component(path, "text_encoder")
-    sd = _convert(to_native_layout, sd, weights, "MEXMA-SigLIP / XLM-R text encoder")
-    try:
-        params = XLMRobertaParams.from_hf_config(cfg) if cfg else XLMRobertaParams.infer(sd)
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"{weights}: unsupported text-encoder config: {e}") from None
-    tok_path = tokenizer or find_tokenizer(weights)
-    try:
-        tok = XLMRTokenizer.from_path(tok_path)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{weights}: no tokenizer found: {e}") from None
-    return Resolved(params, sd, weights, {"tokenizer": tok})
 
 
 def find_tokenizer(weights: Path) -> Path:
@@ -158,8 +141,8 @@ def find_tokenizer(weights: Path) -> Path:
 
 def resolve_vae(path: Path) -> Resolved:
     from .vae import AutoencoderKLParams, check_latent_channels, to_native_layout
-    sd, cfg, weights = _load_component(path, "vae")
-    sd = _convert(to_native_layout, sd, weights, "16-channel AutoencoderKL VAE")
+    sd, cfg, weights = load_component(path, "vae")
+    sd = convert_layout(to_native_layout, sd, weights, "16-channel AutoencoderKL VAE")
     try:
         params = AutoencoderKLParams.from_diffusers_config(cfg) if cfg else AutoencoderKLParams.infer(sd)
         check_latent_channels(params, expected=16, source=str(weights))

@@ -310,9 +310,9 @@ def _find_projector_folder(weights: Path) -> Optional[Path]:
 def resolve_mexma(path: Path, tokenizer: Optional[Path] = None) -> ResolvedMexma:
     """A MEXMA-SigLIP (or its XLM-R text tower) from a file, a component folder or a snapshot root."""
     from .tokenizer import XLMRTokenizer
-    sd, cfg, weights = loading._load_component(Path(path), "text_encoder")
+    sd, cfg, weights = loading.load_component(Path(path), "text_encoder")
     text, proj, vision = split_mexma(sd)
-    text = loading._convert(xlmr_native, text, weights, "MEXMA-SigLIP / XLM-R text encoder")
+    text = loading.convert_layout(xlmr_native, text, weights, "MEXMA-SigLIP / XLM-R text encoder")
     try:
         text_params = XLMRobertaParams.from_hf_config(cfg) if _is_xlmr_config(cfg) else XLMRobertaParams.infer(text)
     except (ValueError, KeyError) as e:

@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .loading import CheckpointError
+from .loading import CheckpointError, load_component
 from .ops import TorchOps, cast_like
-from .wuerstchen_common import conv_transpose, describe_checkpoint, load_component, strip_prefix, wrong_family
+from .wuerstchen_common import conv_transpose, describe_checkpoint, strip_prefix, wrong_family
 
 VQGAN_HINT = ("Stage A is the vqgan/ folder of warp-ai/wuerstchen (huggingface-cli download warp-ai/wuerstchen "
               "--local-dir ComfyUI/models/diffusers/wuerstchen).")

@@ -564,8 +564,8 @@ def resolve_unet(path):
     from . import loading
     from .ddpm import DDPMParams
     path = Path(path)
-    sd, cfg, weights = loading._load_component(path, "unet")
-    sd = loading._convert(to_native_layout, sd, weights, "SDXS UNet (diffusers UNet2DConditionModel)")
+    sd, cfg, weights = loading.load_component(path, "unet")
+    sd = loading.convert_layout(to_native_layout, sd, weights, "SDXS UNet (diffusers UNet2DConditionModel)")
     stem = weights.name.split(".")[0]
     if cfg is None and (side := _sidecar(weights, (f"{stem}.json", f"{stem}.config.json"))) is not None:
         cfg = loading.read_json(side)

@@ -12,13 +12,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .loading import CheckpointError, find_weights, read_json, read_state_dict
+from .loading import CheckpointError
 from .ops import TorchOps, cast_like
 
 
@@ -225,20 +224,6 @@ def describe_checkpoint(sd: dict) -> str:
     if any(k.startswith(("embeddings.word_embeddings", "roberta.", "encoder.layer.")) for k in keys):
         return "a BERT/XLM-R text encoder"
     return f"an unknown checkpoint (keys like {sorted(keys)[:3]})"
-
-
-def load_component(path: Path, sub: str) -> tuple[dict, Optional[dict], Path]:
-    """(state dict, config.json or None, weights file) for a single file, a component folder (``prior/``) or a
-    snapshot root holding ``sub/``. A config.json only counts inside a component folder."""
-    path = Path(path)
-    if path.is_dir():
-        folder = path / sub if (path / sub).is_dir() else path
-        weights = find_weights(folder)
-    else:
-        folder, weights = path.parent, path
-    cfg_path = folder / "config.json"
-    cfg = read_json(cfg_path) if cfg_path.is_file() and (path.is_dir() or folder.name == sub) else None
-    return read_state_dict(weights), cfg, weights
 
 
 def wrong_family(weights: Path, wanted: str, sd: dict, hint: str) -> CheckpointError:

@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .loading import CheckpointError
+from .loading import CheckpointError, load_component
 from .ops import TorchOps
 from .wuerstchen_common import (AttnBlock, LayerNorm2d, ResBlockStageB, TimestepBlock, conv_transpose,
-                                describe_checkpoint, load_component, r_embedding, split_in_proj, strip_prefix,
+                                describe_checkpoint, r_embedding, split_in_proj, strip_prefix,
                                 wrong_family)
 
 DECODER_HINT = ("Stage B is the decoder/ folder of warp-ai/wuerstchen (huggingface-cli download warp-ai/wuerstchen "

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .loading import CheckpointError
+from .loading import CheckpointError, load_component
 from .ops import TorchOps
 from .wuerstchen_common import (AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, describe_checkpoint,
-                                load_component, r_embedding, split_in_proj, strip_prefix, wrong_family)
+                                r_embedding, split_in_proj, strip_prefix, wrong_family)
 
 PRIOR_HINT = ("Stage C is the prior/ folder of warp-ai/wuerstchen-prior (huggingface-cli download "
               "warp-ai/wuerstchen-prior --local-dir ComfyUI/models/diffusers/wuerstchen-prior).")

@@ -22,13 +22,15 @@ from ..waifukit.ddpm import DDPMParams, DiscreteSchedule
 from ..waifukit.mexma import MISSING_PROJECTOR
 from ..waifukit.sdxs import SDXSUNet, resolve_unet
 from .common import param_count, pick_dtype
+from .vae16_host import FittedPreviews
 
 # diffusers beta_schedule -> ComfyUI make_beta_schedule name (ComfyUI's "linear" is diffusers' scaled_linear).
 _COMFY_BETAS = {"linear": "sqrt_linear", "scaled_linear": "linear", "squaredcos_cap_v2": "squaredcos_cap_v2"}
 
 
-class SDXSLatent16(comfy.latent_formats.LatentFormat):
-    """16-channel latents scaled as the snapshot's vae/config.json says: model space = (raw - shift) * scale."""
+class SDXSLatent16(FittedPreviews, comfy.latent_formats.LatentFormat):
+    """16-channel latents scaled as the snapshot's vae/config.json says: model space = (raw - shift) * scale.
+    Previews use factors fitted from the loaded VAE (vae16_host.preview_factors)."""
     latent_channels = 16
 
     def __init__(self, scale_factor: float = 0.18215, shift_factor: float = 0.0):

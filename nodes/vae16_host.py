@@ -47,7 +47,26 @@ class AuraVAE(NativeVAE):
 
 
 # Preview factors per VAE file, fitted once and kept in the user directory (research: no peer has previews).
+# In memory they are keyed by the latent scaling (scale, shift) they were fitted for, which is what a model's
+# latent format knows.
 PREVIEW_FACTORS: dict = {}
+
+
+class FittedPreviews:
+    """Mixin for 16-channel latent formats: preview factors from the last loaded VAE with this scaling."""
+
+    def _fitted(self):
+        return PREVIEW_FACTORS.get((float(self.scale_factor), float(getattr(self, "shift_factor", 0.0) or 0.0)))
+
+    @property
+    def latent_rgb_factors(self):
+        fitted = self._fitted()
+        return fitted and fitted["factors"]
+
+    @property
+    def latent_rgb_factors_bias(self):
+        fitted = self._fitted()
+        return fitted and fitted["bias"]
 
 
 def _preview_cache_path() -> str:
@@ -76,7 +95,7 @@ def preview_factors(vae: AuraVAE, params) -> dict:
             os.replace(path + ".tmp", path)
         except OSError as e:  # a read-only user dir only costs a refit next time
             logging.info("comfyui-waifu: could not cache preview factors: %s", e)
-    PREVIEW_FACTORS["aura16"] = cache[key]
+    PREVIEW_FACTORS[(float(params.scaling_factor), float(params.shift_factor or 0.0))] = cache[key]
     return cache[key]
 
 

@@ -19,26 +19,16 @@ import comfy.supported_models_base
 from ..waifukit import loading
 from ..waifukit.sana import LinearDiT
 from .common import param_count, pick_dtype
-from .vae16_host import PREVIEW_FACTORS
+from .vae16_host import FittedPreviews
 
 
-class AuraLatent16(comfy.latent_formats.LatentFormat):
+class AuraLatent16(FittedPreviews, comfy.latent_formats.LatentFormat):
     """AuraDiffusion 16ch VAE latents as Waifu was trained on them: plain 0.18215 scale, no shift.
     Preview factors come from the loaded VAE itself (vae16_host.preview_factors), not a copied table."""
     latent_channels = 16
 
     def __init__(self):
         self.scale_factor = 0.18215
-
-    @property
-    def latent_rgb_factors(self):
-        fitted = PREVIEW_FACTORS.get("aura16")
-        return fitted and fitted["factors"]
-
-    @property
-    def latent_rgb_factors_bias(self):
-        fitted = PREVIEW_FACTORS.get("aura16")
-        return fitted and fitted["bias"]
 
 
 class WaifuConfig(comfy.supported_models_base.BASE):

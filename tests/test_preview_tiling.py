@@ -78,4 +78,5 @@ def test_2048px_tiled_decode_under_budget_and_matches_untiled(tmp_path):
     tiled, full = np.load(tmp_path / "tiled.npy"), np.load(tmp_path / "full.npy")
     keep = seam_mask(256, 256, 160, 16).numpy()
     diff = np.abs(tiled.astype(float) - full.astype(float))[0][:, keep]
+    print(f"tiled vs untiled away from seams: mean {diff.mean():.2f}/255")
     assert diff.mean() <= 2.0, f"{diff.mean():.2f}/255 away from seams"

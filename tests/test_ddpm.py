@@ -95,3 +95,11 @@ def test_img2img_tail_of_schedule():
     sample(lambda x, t: (seen.append(int(t[0])), torch.zeros_like(x))[1], ours, start.shape, 5,
            torch.Generator().manual_seed(0), "ddim", start=start, denoise=0.5)
     assert seen == ours.timesteps(10)[-5:].tolist()
+
+
+def test_leading_spacing_past_the_table_is_a_clear_error():
+    sched = DiscreteSchedule(DDPMParams.from_scheduler_config(
+        {"num_train_timesteps": 1000, "timestep_spacing": "leading", "steps_offset": 1}))
+    assert sched.timesteps(999)[0] == 999
+    with pytest.raises(ValueError, match="at most 999 steps"):
+        sched.timesteps(1000)

@@ -128,7 +128,11 @@ class DiscreteSchedule:
             return np.linspace(0, n - 1, steps).round()[::-1].copy().astype(np.int64)
         if p.timestep_spacing == "leading":
             ratio = n // steps
-            return (np.arange(0, steps) * ratio).round()[::-1].copy().astype(np.int64) + p.steps_offset
+            ts = (np.arange(0, steps) * ratio).round()[::-1].copy().astype(np.int64) + p.steps_offset
+            if ts[0] >= n:  # diffusers indexes past its table here (IndexError); say what to do instead
+                raise ValueError(f"{steps} steps with 'leading' spacing and steps_offset {p.steps_offset} reach "
+                                 f"timestep {ts[0]}, past the {n} training timesteps; use at most {n - 1} steps")
+            return ts
         ratio = n / steps
         return np.round(np.arange(n, 0, -ratio)).astype(np.int64) - 1
 

@@ -1,0 +1,89 @@
+"""Every sampler of the pack, in one server with every family's tiny models: a progress event per step, and an
+interrupt honoured mid-run with the server still serving afterwards."""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from comfy_host import ComfyHost  # noqa: E402
+
+from fixtures.catalog import install_all  # noqa: E402
+from host_checks import run_ok  # noqa: E402
+
+pytestmark = pytest.mark.host
+
+# (workflow, sampler node id, quick inputs, long inputs)
+SAMPLERS = [
+    ("waifu", "4", {"steps": 4, "width": 64, "height": 64}, {"steps": 1000, "width": 512, "height": 512}),
+    ("sdxs", "4", {"steps": 4, "width": 64, "height": 64}, {"steps": 900, "width": 512, "height": 512}),
+    ("wuerstchen", "5", {"steps": 4, "schedule": "linear", "width": 128, "height": 128},
+     {"steps": 1000, "schedule": "linear", "width": 1024, "height": 1024}),
+    ("wuerstchen", "7", {"steps": 4}, {"steps": 1000}),
+]
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    base = tmp_path_factory.mktemp("samplers")
+    install_all(base / "models")
+    h = ComfyHost(base).start()
+    yield h
+    h.stop()
+
+
+def workflow(family, node, inputs, fast_others=True):
+    wf = json.loads((ROOT / "example_workflows" / f"{family}_t2i.api.json").read_text())
+    if family == "wuerstchen" and fast_others:  # keep the other stage quick
+        wf["5"]["inputs"].update(steps=2, schedule="linear", width=128, height=128)
+        wf["7"]["inputs"].update(steps=2)
+    elif fast_others:
+        wf[node]["inputs"].update(width=64, height=64)
+    wf[node]["inputs"].update(inputs)
+    return wf
+
+
+def events(host, wf, interrupt_node=None):
+    """Run wf on a websocket client; returns (progress values per node, final event type)."""
+    import websocket
+
+    client = uuid.uuid4().hex
+    ws = websocket.create_connection(f"ws://127.0.0.1:{host.port}/ws?clientId={client}", timeout=300)
+    progress, sent = {}, False
+    try:
+        code, body = host.queue(wf, client)
+        assert code == 200, body
+        while True:
+            msg = ws.recv()
+            if not isinstance(msg, str):
+                continue
+            m = json.loads(msg)
+            data = m["data"]
+            if data.get("prompt_id") not in (None, body["prompt_id"]):
+                continue
+            if m["type"] == "progress":
+                progress.setdefault(data["node"], []).append(data["value"])
+                if interrupt_node == data["node"] and data["value"] == 2 and not sent:
+                    threading.Thread(target=host.post, args=("/interrupt", {})).start()
+                    sent = True
+            if m["type"] in ("execution_success", "execution_error", "execution_interrupted"):
+                return progress, m["type"], data
+    finally:
+        ws.close()
+
+
+@pytest.mark.parametrize("family,node,quick,long", SAMPLERS, ids=[f"{s[0]}-{s[1]}" for s in SAMPLERS])
+def test_progress_per_step_and_interrupt(host, family, node, quick, long):
+    progress, kind, _ = events(host, workflow(family, node, quick))
+    assert kind == "execution_success"
+    assert progress[node] == [1, 2, 3, 4]
+    progress, kind, data = events(host, workflow(family, node, long), interrupt_node=node)
+    assert kind == "execution_interrupted", data.get("exception_message", data)
+    assert data["node_id"] == node
+    assert len(run_ok(host, workflow(family, node, quick))) == 1  # still serving

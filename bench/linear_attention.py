@@ -176,7 +176,7 @@ def main():
         emit(f"device: cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)  "
              f"torch {torch.__version__}  kernels={kernels.kernel_mode()} (default path on CPU: eager torch)")
         emit(f"attention core, B={B}, REDUCED width {heads} heads x {HEAD_DIM} (hidden {heads * HEAD_DIM}), fp32; "
-             "wall-clock median of 7 interleaved repeats; ratios only (CPU shared with other jobs)")
+             "wall-clock median of 7 interleaved repeats; ratios only")
         emit(f"{'px':>5} {'N':>6} | {'time ours/diffusers':>19} | {'peak RSS ours/diffusers':>23}")
         for px in (256, 384, 512):
             N = (px // 8) ** 2

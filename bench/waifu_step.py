@@ -9,7 +9,7 @@ Rows:
                  20-step loop)
 GPU: full-size Waifu (hidden 2240, depth 20), random init, bf16, CUDA events; ms/step, % of the bf16 compute floor
 (FLOPs counted with torch.utils.flop_counter on the diffusers forward), peak memory; 20 steps at 768².
-CPU (no GPU): REDUCED width (hidden 448, depth 2), fp32; ratios only; peak RSS per step from a fresh subprocess.
+CPU (no GPU): REDUCED width (hidden 448, depth 2), fp32; ratios only; peak RSS of one step (first call) from a fresh subprocess.
 
     .venv/bin/python bench/waifu_step.py                  # writes bench/results/waifu_step-<device>.txt
 """
@@ -121,11 +121,11 @@ def _status_kb(field):
 
 
 def worker(spec):
-    """Subprocess: peak RSS growth (KiB) during one step of one variant (VmHWM reset before the call)."""
+    """Subprocess: peak RSS growth (KiB) of one step of one variant over the RSS with the model and inputs
+    built (VmHWM reset first). Measured on the first call, so allocator caching cannot hide the working set."""
     models = build(False, "cpu", torch.float32, which=(spec["model"],))
     fn = step_fns(models, spec["px"], "cpu", torch.float32)[spec["variant"]]
     with torch.no_grad():
-        fn()
         base = _status_kb("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -223,7 +223,7 @@ def main():
         emit(f"device: cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)  "
              f"torch {torch.__version__}  kernels={kernels.kernel_mode()} (default path on CPU: eager torch)")
         emit("REDUCED Waifu: hidden 448 (14 heads x 32), depth 2, cross 4 x 112, caption 1024, fp32; text 512 padded "
-             f"({COND_REAL} real cond tokens, {UNCOND_REAL} uncond); ratios only (CPU shared with other jobs)")
+             f"({COND_REAL} real cond tokens, {UNCOND_REAL} uncond); ratios only")
         models = build(False, "cpu", dtype)
         emit(f"{'px':>5} {'N':>6} | {'variant':>13} | {'time/diffusers min':>18} {'(median)':>9} | "
              f"{'peak RSS/diffusers':>18}")

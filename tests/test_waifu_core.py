@@ -158,3 +158,19 @@ def test_missing_tokenizer_is_a_clear_error(snap, tmp_path):
 def test_diffusers_and_sana_layouts_are_the_same_model(snap):
     res = loading.resolve_linear_dit(snap)
     assert to_sana_layout(res.state_dict).keys() == res.state_dict.keys()
+
+
+def test_vae_blocks_follow_the_weights_when_the_config_is_silent(snap, tmp_path):
+    """A vae/config.json without mid_block_add_attention means True to diffusers; the 16ch VAE's weights have no
+    mid-block attention, so the weights decide (and scaling still comes from the config)."""
+    import json
+    import shutil
+    vae_dir = tmp_path / "vae"
+    shutil.copytree(snap / "vae", vae_dir)
+    cfg = json.loads((vae_dir / "config.json").read_text())
+    cfg.pop("mid_block_add_attention", None)
+    cfg["scaling_factor"] = 0.2
+    (vae_dir / "config.json").write_text(json.dumps(cfg))
+    res = loading.resolve_vae(tmp_path)
+    assert res.params.mid_block_add_attention is False and res.params.scaling_factor == 0.2
+    _build(res, AutoencoderKL)  # loads strictly

@@ -8,7 +8,7 @@ file and the fix.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -144,7 +144,13 @@ def resolve_vae(path: Path) -> Resolved:
     sd, cfg, weights = load_component(path, "vae")
     sd = convert_layout(to_native_layout, sd, weights, "16-channel AutoencoderKL VAE")
     try:
-        params = AutoencoderKLParams.from_diffusers_config(cfg) if cfg else AutoencoderKLParams.infer(sd)
+        params = AutoencoderKLParams.infer(sd)
+        if cfg:
+            # The config gives what weights cannot (scaling, group count); the weights decide which optional
+            # blocks exist: a config.json without mid_block_add_attention means "True" to diffusers, while the
+            # 16ch VAE's weights may have no mid-block attention at all.
+            found = {k: getattr(params, k) for k in ("mid_block_add_attention", "use_quant_conv", "use_post_quant_conv")}
+            params = replace(AutoencoderKLParams.from_diffusers_config(cfg), **found)
         check_latent_channels(params, expected=16, source=str(weights))
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{weights}: {e}") from None

@@ -82,8 +82,9 @@ class WuerstchenDecoderLoader:
     def load(self, snapshot, dtype):
         root = diffusers_folder(snapshot, is_decoder_snapshot, "Würstchen decoder snapshot (needs decoder/, vqgan/, "
                                 "text_encoder/, tokenizer/)", DECODER_HINT)
-        return (host.load_decoder(root / "decoder", dtype), host.load_clip(root / "text_encoder", "decoder", dtype),
-                host.load_vqgan(root / "vqgan", dtype))
+        decoder, vqgan = host.load_decoder(root / "decoder", dtype), host.load_vqgan(root / "vqgan", dtype)
+        host.attach_previews(decoder, vqgan)
+        return decoder, host.load_clip(root / "text_encoder", "decoder", dtype), vqgan
 
 
 class WuerstchenStageCLoader:

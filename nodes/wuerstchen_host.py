@@ -13,15 +13,18 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from PIL import Image
 
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
 import comfy.utils
+from comfy.cli_args import LatentPreviewMethod, args
 
 from ..waifukit import loading
 from ..waifukit.clip_text import CLIPTextModel, resolve_clip_text
 from ..waifukit.paella_vq import PaellaVQ, resolve_vqgan
+from ..waifukit.preview import fit_latent_rgb
 from ..waifukit.wuerstchen_decoder import WuerstchenDiffNeXt, resolve_decoder
 from ..waifukit.wuerstchen_prior import WuerstchenPrior, resolve_prior
 from ..waifukit.wuerstchen_sched import WuerstchenDDPM, WuerstchenScheduleParams, sample
@@ -133,6 +136,17 @@ class WuerstchenVQGAN(NativeVAE):
                          encode_bytes=1200, decode_bytes=1200 * 16)
 
 
+def attach_previews(decoder: WuerstchenStage, vqgan: WuerstchenVQGAN) -> None:
+    """Give Stage B latent previews: affine Stage-B-latent -> RGB factors fitted from this VQGAN's decoder."""
+    try:
+        module = vqgan.first_stage_model
+        factors, bias = fit_latent_rgb(lambda z: module.decode(z) * 2 - 1, vqgan.latent_channels, 1.0,
+                                       device=next(module.parameters()).device, dtype=vqgan.vae_dtype)
+        decoder.preview_factors = (torch.tensor(factors).T.contiguous(), torch.tensor(bias))
+    except Exception as e:  # previews are a convenience; never fail a load over them
+        logging.warning("comfyui-waifu: no Stage B previews for %s: %s", vqgan.source, e)
+
+
 def load_vqgan(path: Path, dtype_choice: str = "auto") -> WuerstchenVQGAN:
     params, sd, weights = resolve_vqgan(path)
     vq = PaellaVQ(params, dtype=torch.float32)
@@ -158,7 +172,16 @@ def run_stage(stage: WuerstchenStage, shape, cond: torch.Tensor, uncond: torch.T
     if effnet is not None:
         effnet = (torch.cat([effnet, torch.zeros_like(effnet)]) if guided else effnet).to(device, dtype)
     model = stage.module
-    bar = comfy.utils.ProgressBar(len(ts) - 1)
+    steps = len(ts) - 1
+    bar = comfy.utils.ProgressBar(steps)
+    factors = getattr(stage, "preview_factors", None) if args.preview_method != LatentPreviewMethod.NoPreviews else None
+
+    def callback(i, x0, x_next):
+        preview = None
+        if factors is not None:  # Stage B latents -> RGB with factors fitted from the VQGAN (see load_decoder_previews)
+            rgb = torch.nn.functional.linear(x0[0].movedim(0, -1).float().cpu(), factors[0], factors[1])
+            preview = ("JPEG", Image.fromarray(((rgb + 1) * 127.5).clamp(0, 255).byte().numpy()), args.preview_size)
+        bar.update_absolute(i + 1, steps, preview)
 
     def model_fn(x, r):
         mm.throw_exception_if_processing_interrupted()
@@ -169,6 +192,6 @@ def run_stage(stage: WuerstchenStage, shape, cond: torch.Tensor, uncond: torch.T
 
     with torch.inference_mode():
         out = sample(model_fn, shape, ts, torch.Generator("cpu").manual_seed(seed), cfg, stage.sched, device,
-                     callback=lambda i: bar.update(1))
+                     callback=callback)
     return out.float().to(mm.intermediate_device())
 

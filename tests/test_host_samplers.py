@@ -33,7 +33,7 @@ SAMPLERS = [
 def host(tmp_path_factory):
     base = tmp_path_factory.mktemp("samplers")
     install_all(base / "models")
-    h = ComfyHost(base).start()
+    h = ComfyHost(base, extra_args=["--preview-method", "latent2rgb"]).start()
     yield h
     h.stop()
 
@@ -50,7 +50,8 @@ def workflow(family, node, inputs, fast_others=True):
 
 
 def events(host, wf, interrupt_node=None):
-    """Run wf on a websocket client; returns (progress values per node, final event type)."""
+    """Run wf on a websocket client; returns (progress values per node, final event type, its data); binary
+    preview frames are counted in progress["previews"]."""
     import websocket
 
     client = uuid.uuid4().hex
@@ -62,6 +63,8 @@ def events(host, wf, interrupt_node=None):
         while True:
             msg = ws.recv()
             if not isinstance(msg, str):
+                if int.from_bytes(msg[:4], "big") == 1:  # PREVIEW_IMAGE
+                    progress["previews"] = progress.get("previews", 0) + 1
                 continue
             m = json.loads(msg)
             data = m["data"]
@@ -87,3 +90,17 @@ def test_progress_per_step_and_interrupt(host, family, node, quick, long):
     assert kind == "execution_interrupted", data.get("exception_message", data)
     assert data["node_id"] == node
     assert len(run_ok(host, workflow(family, node, quick))) == 1  # still serving
+
+
+# Stage C latents are EfficientNet features with no decoder of their own: no previews there.
+PREVIEWED = [s for s in SAMPLERS if (s[0], s[1]) != ("wuerstchen", "5")]
+
+
+@pytest.mark.parametrize("family,node,quick,long", PREVIEWED, ids=[f"{s[0]}-{s[1]}" for s in PREVIEWED])
+def test_latent_previews(host, family, node, quick, long):
+    wf = workflow(family, node, quick)
+    if family == "wuerstchen":
+        wf["5"]["inputs"]["steps"] = 1  # only Stage B's frames then
+    progress, kind, _ = events(host, wf)
+    assert kind == "execution_success"
+    assert progress.get("previews", 0) >= 4

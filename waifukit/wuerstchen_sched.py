@@ -88,7 +88,7 @@ def sample(model_fn: Callable, shape, ts: torch.Tensor, generator: torch.Generat
            sched: Optional[WuerstchenDDPM] = None, device=None, callback: Optional[Callable] = None) -> torch.Tensor:
     """The pipelines' loop. ``model_fn(x, r)`` returns the noise prediction for x [N,...] (N = B, or 2B as
     [cond; uncond] when cfg > 1, in which case x and r arrive already doubled). Sampling state is fp32.
-    ``callback(i)`` runs after each step."""
+    ``callback(i, x0_estimate, x)`` runs after each step (x0 from the step's noise prediction, for previews)."""
     sched = sched or WuerstchenDDPM()
     device = device or torch.device("cpu")
     x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
@@ -102,8 +102,10 @@ def sample(model_fn: Callable, shape, ts: torch.Tensor, generator: torch.Generat
         else:
             eps = model_fn(x, t).float()
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-        x = sched.step(eps, t, t_prev, x, noise)
+        x_next = sched.step(eps, t, t_prev, x, noise)
         if callback is not None:
-            callback(i)
+            acp = sched.alpha_cumprod(t).view((shape[0],) + (1,) * (x.ndim - 1))
+            callback(i, (x - (1 - acp).sqrt() * eps) / acp.sqrt(), x_next)
+        x = x_next
     return x
 

@@ -37,6 +37,16 @@ TEXT_DEVICE_INPUT = (["default", "cpu"], {"default": "default",
                                           "tooltip": "Where the text encoder runs: default follows ComfyUI's model "
                                                      "management; cpu keeps it off the GPU to save VRAM."})
 
+# Inputs every sampler of ours shares (same meaning, same tooltip).
+BATCH_SIZE_INPUT = ("INT", {"default": 1, "min": 1, "max": 64,
+                            "tooltip": "Images per run. Ignored when latent_image is given."})
+DENOISE_INPUT = ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                           "tooltip": "1.0 = text-to-image. Below 1 with latent_image: image-to-image, running the "
+                                      "last `steps` of a steps/denoise schedule."})
+LATENT_IMAGE_INPUT = ("LATENT", {"tooltip": "Start from this latent (VAEEncode of an image) for img2img; sets size "
+                                            "and batch."})
+RAW_LATENT_TOOLTIP = "Raw 16-channel VAE latents (decode with AuraVAE16Decode or VAEDecode)."
+
 
 def check_side(name: str, value: int, multiple: int, lowest: int, highest: int, why: str):
     """A validation message for an image side that is off the model's grid (with the nearest valid value), or

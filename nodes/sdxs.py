@@ -15,8 +15,8 @@ from ..waifukit import ddpm
 from ..waifukit.mexma import MISSING_PROJECTOR
 from ..waifukit.sdxs import is_sdxs_snapshot
 from . import mexma_host, sdxs_host, vae16_host
-from .common import (CATEGORY, DTYPE_INPUT, TEXT_DEVICE_INPUT, check_side, diffusers_folder, diffusers_folders,
-                     model_file, start_latent)
+from .common import (BATCH_SIZE_INPUT, CATEGORY, DENOISE_INPUT, DTYPE_INPUT, LATENT_IMAGE_INPUT, RAW_LATENT_TOOLTIP,
+                     TEXT_DEVICE_INPUT, check_side, diffusers_folder, diffusers_folders, model_file, start_latent)
 
 SDXS_HINT = ("Get the weights with: huggingface-cli download AiArtLab/sdxs "
              "--local-dir ComfyUI/models/diffusers/sdxs")
@@ -124,21 +124,17 @@ class SDXSSampler:
             "height": ("INT", {"default": 576, "min": 64, "max": MAX_SIDE, "step": 8,
                                "tooltip": "Image height in pixels, a multiple of 8 (SDXS card: 576). Ignored when "
                                           "latent_image is given."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
-                                   "tooltip": "Images per run. Ignored when latent_image is given."}),
+            "batch_size": BATCH_SIZE_INPUT,
             "sampler": (list(ddpm.SAMPLERS), {"default": "ddpm",
                                               "tooltip": "ddpm: the reference's stochastic DDPM steps (seed-exact). "
                                                          "ddim: deterministic DDIM (eta 0) on the same schedule."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
-                                  "tooltip": "1.0 = text-to-image. Below 1 with latent_image: image-to-image, running "
-                                             "the last `steps` of a steps/denoise schedule."}),
+            "denoise": DENOISE_INPUT,
         }, "optional": {
-            "latent_image": ("LATENT", {"tooltip": "Start from this latent (VAEEncode of an image) for img2img; sets "
-                                                   "size and batch."}),
+            "latent_image": LATENT_IMAGE_INPUT,
         }}
 
     RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("Raw 16-channel VAE latents (decode with AuraVAE16Decode or VAEDecode).",)
+    OUTPUT_TOOLTIPS = (RAW_LATENT_TOOLTIP,)
     FUNCTION = "sample"
     CATEGORY = CATEGORY
 

@@ -16,8 +16,8 @@ from ..waifukit.fused import sample_flow_euler_fast
 from ..waifukit.loading import is_waifu_snapshot
 from ..waifukit.registry import FETCH_HINT, WAIFU_BUCKETS, bucket_label
 from . import mexma_host, vae16_host, waifu_host
-from .common import (CATEGORY, DTYPE_INPUT, TEXT_DEVICE_INPUT, check_side, diffusers_folder, diffusers_folders,
-                     model_file, start_latent)
+from .common import (BATCH_SIZE_INPUT, CATEGORY, DENOISE_INPUT, DTYPE_INPUT, LATENT_IMAGE_INPUT, RAW_LATENT_TOOLTIP,
+                     TEXT_DEVICE_INPUT, check_side, diffusers_folder, diffusers_folders, model_file, start_latent)
 
 MAX_SIDE = 8192
 
@@ -111,21 +111,17 @@ class LinearDiTSampler:
                               "tooltip": "Image width in pixels, a multiple of 64. Ignored when latent_image is given."}),
             "height": ("INT", {"default": 512, "min": 64, "max": MAX_SIDE, "step": 64,
                                "tooltip": "Image height in pixels, a multiple of 64. Ignored when latent_image is given."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
-                                   "tooltip": "Images per run. Ignored when latent_image is given."}),
+            "batch_size": BATCH_SIZE_INPUT,
             "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 100.0, "step": 0.05,
                                 "tooltip": "Flow shift of the sigma schedule. 0 = the checkpoint's own "
                                            "(scheduler_config.json; 3.0 for waifu-2b)."}),
-            "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
-                                  "tooltip": "1.0 = text-to-image. Below 1 with latent_image: image-to-image, "
-                                             "running the last `steps` of a steps/denoise schedule."}),
+            "denoise": DENOISE_INPUT,
         }, "optional": {
-            "latent_image": ("LATENT", {"tooltip": "Start from this latent (VAEEncode of an image) for img2img; "
-                                                   "sets size and batch."}),
+            "latent_image": LATENT_IMAGE_INPUT,
         }}
 
     RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("Raw 16-channel VAE latents (decode with AuraVAE16Decode or VAEDecode).",)
+    OUTPUT_TOOLTIPS = (RAW_LATENT_TOOLTIP,)
     FUNCTION = "sample"
     CATEGORY = CATEGORY
 

@@ -25,6 +25,20 @@ def run_failed(host, wf) -> str:
     return error_message(entry)
 
 
+def object_info_for(host, node_ids) -> dict:
+    """/object_info, after checking that every id registered (a failed pack import never stops ComfyUI) with
+    the pack's category and a tooltip on every input."""
+    info = host.get("/object_info")
+    missing = [n for n in node_ids if n not in info]
+    assert not missing, f"not registered (import failure?): {missing}\n{host.log_tail()}"
+    for name in node_ids:
+        assert info[name]["category"] == "waifu"
+        for section in ("required", "optional"):
+            for inp, spec in info[name]["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
+    return info
+
+
 def assert_pixels_match(ours: np.ndarray, ref: np.ndarray, mean: float = 1.0, peak: float = 8.0):
     """The pack's pixel parity bound: mean abs diff <= 1/255 and max <= 8/255 on uint8 images."""
     assert ours.shape == ref.shape

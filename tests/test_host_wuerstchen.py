@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 from comfy_host import ComfyHost  # noqa: E402
 
-from host_checks import assert_pixels_match, run_failed, run_ok, ui_to_api  # noqa: E402
+from host_checks import assert_pixels_match, object_info_for, run_failed, run_ok, ui_to_api  # noqa: E402
 
 from fixtures.wuerstchen_snapshot import install_wuerstchen, load_reference, reference_images  # noqa: E402
 
@@ -71,14 +71,7 @@ def workflow(c=None, b=None, prompt=PROMPT, negative=""):
 
 
 def test_nodes_registered_with_tooltips(host):
-    info = host.get("/object_info")
-    missing = [n for n in NODE_IDS if n not in info]
-    assert not missing, f"not registered (import failure?): {missing}\n{host.log_tail()}"
-    for name in NODE_IDS:
-        assert info[name]["category"] == "waifu"
-        for section in ("required", "optional"):
-            for inp, spec in info[name]["input"].get(section, {}).items():
-                assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
+    info = object_info_for(host, NODE_IDS)
     assert info["WuerstchenPriorLoader"]["input"]["required"]["snapshot"][0] == ["wuerstchen-prior"]
     assert info["WuerstchenDecoderLoader"]["input"]["required"]["snapshot"][0] == ["wuerstchen"]
 

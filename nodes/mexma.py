@@ -54,6 +54,11 @@ class MexmaSigLIPLoader:
         return (mexma_host.load_text_encoder(_text_encoder_path(text_encoder_name), dtype, device=device),)
 
 
+IMAGE_WEIGHT_INPUT = ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
+                                "tooltip": "0 = text only, 1 = image only. The image embedding is rescaled to the "
+                                           "text embedding's length before mixing."})
+
+
 class MexmaSigLIPEncode:
     DESCRIPTION = ("Encodes a prompt (any of XLM-R's ~100 languages) with MEXMA-SigLIP. One output serves both "
                    "models: the per-token states (Waifu) and, when the projector is loaded, the pooled 1152-d "
@@ -66,6 +71,10 @@ class MexmaSigLIPEncode:
             "text_encoder": ("MEXMA_SIGLIP", {"tooltip": "From a Waifu/SDXS snapshot loader or MexmaSigLIPLoader."}),
             "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
                                 "tooltip": "The prompt. Leave empty for the negative (the default of both models)."}),
+        }, "optional": {
+            "image": ("IMAGE", {"tooltip": "Optional image prompt (SDXS): its SigLIP embedding is mixed into the "
+                                           "pooled embedding. Needs the full visheratin/mexma-siglip."}),
+            "image_weight": IMAGE_WEIGHT_INPUT,
         }}
 
     RETURN_TYPES = ("CONDITIONING",)
@@ -74,12 +83,33 @@ class MexmaSigLIPEncode:
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 
-    def encode(self, text_encoder, text):
+    def encode(self, text_encoder, text, image=None, image_weight=0.5):
         hidden, mask, pooled = text_encoder.encode_full([text.lower().strip()])
         extras = {"attention_mask": mask}
         if pooled is not None:
             extras["pooled_output"] = pooled
-        return ([[hidden, extras]],)
+        conditioning = [[hidden, extras]]
+        if image is not None:
+            conditioning = mix_image(conditioning, text_encoder, image, image_weight)
+        return (conditioning,)
+
+
+def mix_image(conditioning, text_encoder, image, weight):
+    """pooled_output = lerp(text, image, weight), the image's SigLIP embedding rescaled to the text's length;
+    several images are averaged. Per-token states (Waifu's) are left unchanged."""
+    text_encoder.require_projector()
+    img = text_encoder.encode_images(image).mean(0, keepdim=True)
+    out = []
+    for tensor, extras in conditioning:
+        pooled = extras.get("pooled_output")
+        if pooled is None:
+            raise ValueError("this conditioning has no pooled MEXMA-SigLIP embedding: encode the prompt with a "
+                             "MEXMA-SigLIP that has its text_projector (missing projector weights)")
+        if img.shape[-1] != pooled.shape[-1]:
+            raise ValueError(f"image embedding width {img.shape[-1]} != text embedding width {pooled.shape[-1]}")
+        scaled = img.to(pooled) * (pooled.norm(dim=-1, keepdim=True) / img.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        out.append([tensor, dict(extras, pooled_output=torch.lerp(pooled, scaled, float(weight)))])
+    return out
 
 
 class MexmaSigLIPImagePrompt:
@@ -96,9 +126,7 @@ class MexmaSigLIPImagePrompt:
                                                          "visheratin/mexma-siglip), for its vision tower."}),
             "image": ("IMAGE", {"tooltip": "The image prompt; resized to the tower's 384x384 (bicubic). Several "
                                            "images are averaged."}),
-            "weight": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
-                                 "tooltip": "0 = text only, 1 = image only. The image embedding is rescaled to the "
-                                            "text embedding's length before mixing."}),
+            "weight": IMAGE_WEIGHT_INPUT,
         }}
 
     RETURN_TYPES = ("CONDITIONING",)
@@ -107,19 +135,7 @@ class MexmaSigLIPImagePrompt:
     CATEGORY = CATEGORY
 
     def mix(self, conditioning, text_encoder, image, weight):
-        text_encoder.require_projector()
-        img = text_encoder.encode_images(image).mean(0, keepdim=True)
-        out = []
-        for tensor, extras in conditioning:
-            pooled = extras.get("pooled_output")
-            if pooled is None:
-                raise ValueError("this conditioning has no pooled MEXMA-SigLIP embedding: encode the prompt with a "
-                                 "MEXMA-SigLIP that has its text_projector (missing projector weights)")
-            if img.shape[-1] != pooled.shape[-1]:
-                raise ValueError(f"image embedding width {img.shape[-1]} != text embedding width {pooled.shape[-1]}")
-            scaled = img.to(pooled) * (pooled.norm(dim=-1, keepdim=True) / img.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-            out.append([tensor, dict(extras, pooled_output=torch.lerp(pooled, scaled, float(weight)))])
-        return (out,)
+        return (mix_image(conditioning, text_encoder, image, weight),)
 
 
 NODES = {

@@ -65,6 +65,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
                     link = links[linked[name]]
                     inputs[name] = [str(link[1]), link[2]]
                 elif isinstance(typ, list) or typ in WIDGET_TYPES:
+                    if not widgets and section == "optional":
+                        continue  # a workflow saved before this optional widget was appended: its default
                     inputs[name] = widgets.pop(0)
                     if opts and opts[0].get("control_after_generate"):
                         widgets.pop(0)  # the "fixed/randomize" value stored after a seed

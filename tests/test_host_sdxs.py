@@ -111,12 +111,16 @@ def test_image_prompt_changes_the_image(host):
     wf["21"] = {"class_type": "EmptyImage", "inputs": {"width": 80, "height": 64, "batch_size": 1, "color": 0xff8040}}
     # The tiny mexma-siglip has its own random weights: encode with it so the widths agree.
     wf["2"]["inputs"]["text_encoder"] = wf["3"]["inputs"]["text_encoder"] = ["20", 0]
-    run_ok(host, wf)  # text-only through the visheratin layout
+    text_only = run_ok(host, wf)[0]  # text-only through the visheratin layout
     wf["22"] = {"class_type": "MexmaSigLIPImagePrompt",
                 "inputs": {"conditioning": ["2", 0], "text_encoder": ["20", 0], "image": ["21", 0], "weight": 0.7}}
     wf["4"]["inputs"]["positive"] = ["22", 0]
     mixed = run_ok(host, wf)[0]
-    assert mixed.shape == plain.shape
+    assert mixed.shape == plain.shape and not np.array_equal(mixed, text_only)
+    # The same mix through MexmaSigLIPEncode's optional image input gives the same image.
+    wf["2"]["inputs"].update(image=["21", 0], image_weight=0.7)
+    wf["4"]["inputs"]["positive"] = ["2", 0]
+    assert np.array_equal(run_ok(host, wf)[0], mixed)
 
 
 @pytest.mark.parametrize("case,expect", [

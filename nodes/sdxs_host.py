@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -22,38 +21,22 @@ from ..waifukit.ddpm import DDPMParams, DiscreteSchedule
 from ..waifukit.mexma import MISSING_PROJECTOR
 from ..waifukit.sdxs import SDXSUNet, resolve_unet
 from .common import param_count, pick_dtype
-from .vae16_host import FittedPreviews
+from .vae16_host import Latent16
 
 # diffusers beta_schedule -> ComfyUI make_beta_schedule name (ComfyUI's "linear" is diffusers' scaled_linear).
 _COMFY_BETAS = {"linear": "sqrt_linear", "scaled_linear": "linear", "squaredcos_cap_v2": "squaredcos_cap_v2"}
 
 
-class SDXSLatent16(FittedPreviews, comfy.latent_formats.LatentFormat):
-    """16-channel latents scaled as the snapshot's vae/config.json says: model space = (raw - shift) * scale.
-    Previews use factors fitted from the loaded VAE (vae16_host.preview_factors)."""
-    latent_channels = 16
-
-    def __init__(self, scale_factor: float = 0.18215, shift_factor: float = 0.0):
-        self.scale_factor = float(scale_factor)
-        self.shift_factor = float(shift_factor)
-
-    def process_in(self, latent):
-        return (latent - self.shift_factor) * self.scale_factor
-
-    def process_out(self, latent):
-        return latent / self.scale_factor + self.shift_factor
-
-
 class SDXSConfig(comfy.supported_models_base.BASE):
     unet_config = {}
     unet_extra_config = {}
-    latent_format = SDXSLatent16
+    latent_format = Latent16
     supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
     memory_usage_factor = 1.5
 
     def __init__(self, params, sched: DDPMParams, scale: float, shift: float):
         super().__init__({"params": params})
-        self.latent_format = SDXSLatent16(scale, shift)
+        self.latent_format = Latent16(scale, shift)
         self.sched = sched
         if sched.trained_betas is not None:
             raise ValueError("trained_betas are not supported by ComfyUI's model sampling")

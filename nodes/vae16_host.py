@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+import comfy.latent_formats
 import comfy.model_management as mm
 import folder_paths
 
@@ -52,11 +53,24 @@ class AuraVAE(NativeVAE):
 PREVIEW_FACTORS: dict = {}
 
 
-class FittedPreviews:
-    """Mixin for 16-channel latent formats: preview factors from the last loaded VAE with this scaling."""
+class Latent16(comfy.latent_formats.LatentFormat):
+    """The 16-channel VAE's latents in model space: (raw - shift) * scale. Waifu was trained on a plain 0.18215
+    (no shift, the default); SDXS takes both from its snapshot's vae/config.json. Previews use factors fitted from
+    the loaded VAE itself (preview_factors), not a copied table."""
+    latent_channels = 16
+
+    def __init__(self, scale_factor: float = 0.18215, shift_factor: float = 0.0):
+        self.scale_factor = float(scale_factor)
+        self.shift_factor = float(shift_factor)
+
+    def process_in(self, latent):
+        return (latent - self.shift_factor) * self.scale_factor
+
+    def process_out(self, latent):
+        return latent / self.scale_factor + self.shift_factor
 
     def _fitted(self):
-        return PREVIEW_FACTORS.get((float(self.scale_factor), float(getattr(self, "shift_factor", 0.0) or 0.0)))
+        return PREVIEW_FACTORS.get((self.scale_factor, self.shift_factor))
 
     @property
     def latent_rgb_factors(self):

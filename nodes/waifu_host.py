@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 import comfy.conds
-import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -19,22 +18,13 @@ import comfy.supported_models_base
 from ..waifukit import loading
 from ..waifukit.sana import LinearDiT
 from .common import param_count, pick_dtype
-from .vae16_host import FittedPreviews
-
-
-class AuraLatent16(FittedPreviews, comfy.latent_formats.LatentFormat):
-    """AuraDiffusion 16ch VAE latents as Waifu was trained on them: plain 0.18215 scale, no shift.
-    Preview factors come from the loaded VAE itself (vae16_host.preview_factors), not a copied table."""
-    latent_channels = 16
-
-    def __init__(self):
-        self.scale_factor = 0.18215
+from .vae16_host import Latent16
 
 
 class WaifuConfig(comfy.supported_models_base.BASE):
     unet_config = {}
     unet_extra_config = {}
-    latent_format = AuraLatent16
+    latent_format = Latent16  # 0.18215, no shift: as Waifu was trained
     supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
     memory_usage_factor = 2.0
 

@@ -14,6 +14,7 @@ from waifukit.flow import flow_sigmas, initial_noise, sample_flow_euler
 from waifukit.sana import LinearDiT, to_sana_layout
 from waifukit.vae import AutoencoderKL
 from waifukit.mexma import MexmaSigLIPText, resolve_mexma
+from waifukit.xlmr import XLMRobertaTextModel
 
 MULTILINGUAL = ["Девушка с зонтиком под дождём", "一只可爱的猫在花园里", "桜の下で笑う少女", "A girl, Silver Hair  ", ""]
 
@@ -174,3 +175,19 @@ def test_vae_blocks_follow_the_weights_when_the_config_is_silent(snap, tmp_path)
     res = loading.resolve_vae(tmp_path)
     assert res.params.mid_block_add_attention is False and res.params.scaling_factor == 0.2
     _build(res, AutoencoderKL)  # loads strictly
+
+
+def test_full_size_architectures_have_the_published_parameter_counts():
+    """Built on the meta device: the defaults are waifu-2b's, down to the parameter (research note A1, F, D:
+    1,601,523,856 for the DiT = the 3.2 GB fp16 file; 558.84 M for XLM-R-large without pooler; 81.72 M for the
+    16ch VAE without mid-block attention)."""
+    from waifukit.sana import LinearDiTParams
+    from waifukit.vae import AutoencoderKLParams
+    from waifukit.xlmr import XLMRobertaParams
+
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
+    assert count(LinearDiT(LinearDiTParams(), device="meta")) == 1_601_523_856
+    assert round(count(XLMRobertaTextModel(XLMRobertaParams(), device="meta")) / 1e6, 2) == 558.84
+    assert round(count(AutoencoderKL(AutoencoderKLParams(), device="meta")) / 1e6, 2) == 81.72

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from common import status_kb, write_results  # noqa: E402
 from waifukit import kernels  # noqa: E402
 
 HEAD_DIM = 32
@@ -98,10 +98,6 @@ def time_cpu_interleaved(fns: dict, reps=7):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
-
 
 def worker(spec):
     """Subprocess: peak RSS growth (KiB) during one call of one variant (VmHWM reset just before the call)."""
@@ -109,11 +105,11 @@ def worker(spec):
     o, t = make_inputs(B, N, heads, torch.float32, "cpu")
     fn = variants(heads)[name]
     fn(o, t)                                   # first-call allocations (thread pools, caches) out of the way
-    base = _status_kb("VmRSS")
+    base = status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                           # reset the peak-RSS watermark (Linux >= 4.0)
     fn(o, t)
-    print("RSS" + json.dumps(_status_kb("VmHWM") - base))
+    print("RSS" + json.dumps(status_kb("VmHWM") - base))
 
 
 def peak_rss(B, N, heads, variant):
@@ -122,11 +118,6 @@ def peak_rss(B, N, heads, variant):
                        capture_output=True, text=True, env=env, check=True)
     return int(next(ln for ln in p.stdout.splitlines() if ln.startswith("RSS"))[3:])
 
-
-def device_tag():
-    if torch.cuda.is_available():
-        return re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower()
-    return "cpu"
 
 
 def main():
@@ -187,10 +178,7 @@ def main():
             emit(f"{px:>5} {N:>6} | {us['ours'] / us['diffusers']:>19.3f} | {rss['ours'] / max(rss['diffusers'], 1):>23.3f}"
                  f"   (abs: {us['ours']:.0f} vs {us['diffusers']:.0f} us; {rss['ours'] / 1024:.1f} vs "
                  f"{rss['diffusers'] / 1024:.1f} MiB)")
-    out = ROOT / "bench" / "results" / f"linear_attention-{device_tag()}.txt"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_results("linear_attention", lines)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from common import status_kb, write_results  # noqa: E402
 from waifukit import kernels  # noqa: E402
 from waifukit.flow import flow_sigmas  # noqa: E402
 from waifukit.fused import sample_flow_euler_fast  # noqa: E402
@@ -115,10 +115,6 @@ def ours_loop(ours, x, cond, cm, uncond, um, steps, cfg, dtype, **kw):
 
 
 # --------------------------------------------------------------------------------------------------------------
-def _status_kb(field):
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
-
 
 def worker(spec):
     """Subprocess: peak RSS growth (KiB) of one step of one variant over the RSS with the model and inputs
@@ -126,11 +122,11 @@ def worker(spec):
     models = build(False, "cpu", torch.float32, which=(spec["model"],))
     fn = step_fns(models, spec["px"], "cpu", torch.float32)[spec["variant"]]
     with torch.no_grad():
-        base = _status_kb("VmRSS")
+        base = status_kb("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         fn()
-    print("RSS" + json.dumps(_status_kb("VmHWM") - base))
+    print("RSS" + json.dumps(status_kb("VmHWM") - base))
 
 
 def peak_rss(px, variant):
@@ -252,12 +248,7 @@ def main():
                  f"{ts['diffusers'][0]:.0f} ms)")
             emit(f"final latents ours vs diffusers, fp32: max rel err {((a - b).abs().max() / b.abs().max()).item():.2e}"
                  " (eps 1e-8 vs diffusers' 1e-15, trimmed text)")
-    tag = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower() \
-        if torch.cuda.is_available() else "cpu"
-    out = ROOT / "bench" / "results" / f"waifu_step-{tag}.txt"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    write_results("waifu_step", lines)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ import latent_preview
 
 from ..waifukit import ddpm
 from ..waifukit.mexma import MISSING_PROJECTOR
+from ..waifukit.registry import MODELS, fetch_hint
 from ..waifukit.sdxs import is_sdxs_snapshot
 from . import mexma_host, sdxs_host, vae16_host
 from .common import (BATCH_SIZE_INPUT, CATEGORY, DENOISE_INPUT, DTYPE_INPUT, LATENT_IMAGE_INPUT, RAW_LATENT_TOOLTIP,
                      TEXT_DEVICE_INPUT, check_side, diffusers_folder, diffusers_folders, model_file, start_latent)
 
-SDXS_HINT = ("Get the weights with: huggingface-cli download AiArtLab/sdxs "
-             "--local-dir ComfyUI/models/diffusers/sdxs")
+SDXS_HINT = fetch_hint("sdxs")
+SDXS_DEFAULTS = MODELS["sdxs"]
 MAX_SIDE = 8192
 
 
@@ -115,8 +116,10 @@ class SDXSSampler:
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
                              "tooltip": "Seeds one CPU torch.Generator: the initial latent (whole batch), then each "
                                         "DDPM step's noise, in the reference pipeline's order."}),
-            "steps": ("INT", {"default": 40, "min": 1, "max": 1000, "tooltip": "Scheduler steps (SDXS card: 40)."}),
-            "cfg": ("FLOAT", {"default": 5.5, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+            "steps": ("INT", {"default": SDXS_DEFAULTS["default_steps"], "min": 1, "max": 1000,
+                              "tooltip": "Scheduler steps (SDXS card: 40)."}),
+            "cfg": ("FLOAT", {"default": SDXS_DEFAULTS["default_cfg"], "min": 0.0, "max": 30.0, "step": 0.1,
+                              "round": 0.01,
                               "tooltip": "Classifier-free guidance scale (SDXS card: 5.5; 1 skips the negative)."}),
             "width": ("INT", {"default": 576, "min": 64, "max": MAX_SIDE, "step": 8,
                               "tooltip": "Image width in pixels, a multiple of 8 (SDXS card: 576). Ignored when "

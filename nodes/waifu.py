@@ -14,11 +14,12 @@ import latent_preview
 from ..waifukit.flow import flow_sigmas, initial_noise
 from ..waifukit.fused import sample_flow_euler_fast
 from ..waifukit.loading import is_waifu_snapshot
-from ..waifukit.registry import FETCH_HINT, WAIFU_BUCKETS, bucket_label
+from ..waifukit.registry import FETCH_HINT, MODELS, WAIFU_BUCKETS, bucket_label
 from . import mexma_host, vae16_host, waifu_host
 from .common import (BATCH_SIZE_INPUT, CATEGORY, DENOISE_INPUT, DTYPE_INPUT, LATENT_IMAGE_INPUT, RAW_LATENT_TOOLTIP,
                      TEXT_DEVICE_INPUT, check_side, diffusers_folder, diffusers_folders, model_file, start_latent)
 
+WAIFU_DEFAULTS = MODELS["waifu-2b"]
 MAX_SIDE = 8192
 
 
@@ -104,8 +105,10 @@ class LinearDiTSampler:
             "negative": ("CONDITIONING", {"tooltip": "MexmaSigLIPEncode of the negative prompt (\"\" by default)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
                              "tooltip": "torch.randn on a CPU generator seeded with this, whole batch at once."}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "Euler steps (Waifu default 20)."}),
-            "cfg": ("FLOAT", {"default": 4.5, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+            "steps": ("INT", {"default": WAIFU_DEFAULTS["default_steps"], "min": 1, "max": 1000,
+                              "tooltip": "Euler steps (Waifu default 20)."}),
+            "cfg": ("FLOAT", {"default": WAIFU_DEFAULTS["default_cfg"], "min": 0.0, "max": 30.0, "step": 0.1,
+                              "round": 0.01,
                               "tooltip": "Classifier-free guidance scale (Waifu default 4.5; 1 skips the negative)."}),
             "width": ("INT", {"default": 512, "min": 64, "max": MAX_SIDE, "step": 64,
                               "tooltip": "Image width in pixels, a multiple of 64. Ignored when latent_image is given."}),

@@ -16,6 +16,7 @@ import comfy.model_patcher
 import comfy.supported_models_base
 
 from ..waifukit import loading
+from ..waifukit.registry import MODELS
 from ..waifukit.sana import LinearDiT
 from .common import param_count, pick_dtype
 from .vae16_host import Latent16
@@ -45,7 +46,7 @@ class WaifuDiT(comfy.model_base.BaseModel):
         return out
 
 
-def load_dit(path: Path, dtype_choice: str = "auto", default_shift: float = 3.0):
+def load_dit(path: Path, dtype_choice: str = "auto", default_shift: float = MODELS["waifu-2b"]["default_shift"]):
     """A ComfyUI MODEL (ModelPatcher around WaifuDiT) from any supported transformer layout."""
     res = loading.resolve_linear_dit(path)
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()

@@ -13,13 +13,15 @@ import torch
 
 import folder_paths
 
-from ..waifukit.registry import fetch_hint
+from ..waifukit.registry import MODELS, fetch_hint
 from ..waifukit.wuerstchen_sched import SCHEDULES, timesteps
 from . import wuerstchen_host as host
 from .common import CATEGORY, DTYPE_INPUT, check_side, diffusers_folder, diffusers_folders, model_file
 
 PRIOR_HINT = fetch_hint("wuerstchen-prior")
 DECODER_HINT = fetch_hint("wuerstchen")
+PRIOR_DEFAULTS = MODELS["wuerstchen-prior"]
+DECODER_DEFAULTS = MODELS["wuerstchen"]
 MAX_SIDE = 4096
 SIDE_STEP = 128  # sizes the reference round-trips exactly through Stage C -> Stage B (research note B)
 DTYPE_STAGE = (DTYPE_INPUT[0], {"default": "auto", "tooltip": "Weight/compute dtype. auto: fp32 on CPU; bf16 on GPUs "
@@ -215,14 +217,15 @@ class WuerstchenStageC:
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
                              "tooltip": "Seeds a CPU torch.Generator for the initial noise and every step's noise, "
                                         "drawn in the reference pipeline's order (same seed = same image as diffusers)."}),
-            "steps": ("INT", {"default": 29, "min": 1, "max": 1000,
+            "steps": ("INT", {"default": PRIOR_DEFAULTS["default_steps"], "min": 1, "max": 1000,
                               "tooltip": "Model calls. With schedule wuerstchen_default, 29 is exactly diffusers' "
                                          "DEFAULT_STAGE_C_TIMESTEPS (20 steps 1 -> 2/3, then 10 steps to 0)."}),
             "schedule": (list(SCHEDULES), {"default": "wuerstchen_default",
                                            "tooltip": "wuerstchen_default: 2/3 of the steps above t=2/3, as the "
                                                       "reference's DEFAULT_STAGE_C_TIMESTEPS. linear: evenly from 1 to 0 "
                                                       "(the pipeline's num_inference_steps)."}),
-            "cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+            "cfg": ("FLOAT", {"default": PRIOR_DEFAULTS["default_cfg"], "min": 0.0, "max": 30.0, "step": 0.1,
+                              "round": 0.01,
                               "tooltip": "Prior guidance (reference 4.0). At 1 or below the negative is not used."}),
         }}
 
@@ -262,9 +265,10 @@ class WuerstchenStageB:
             "positive": ("CONDITIONING", {"tooltip": "WuerstchenTextEncode of the prompt with the decoder's CLIP."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": True,
                              "tooltip": "Seeds this stage's own CPU generator (initial noise, then every step's noise)."}),
-            "steps": ("INT", {"default": 12, "min": 1, "max": 1000,
+            "steps": ("INT", {"default": DECODER_DEFAULTS["default_steps"], "min": 1, "max": 1000,
                               "tooltip": "Steps, evenly from t=1 to 0 (reference 12)."}),
-            "cfg": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 30.0, "step": 0.1, "round": 0.01,
+            "cfg": ("FLOAT", {"default": DECODER_DEFAULTS["default_cfg"], "min": 0.0, "max": 30.0, "step": 0.1,
+                              "round": 0.01,
                               "tooltip": "Decoder guidance (reference 0: off). Above 1 it needs `negative`; the "
                                          "unconditional branch gets zero embeddings, as in the reference."}),
         }, "optional": {

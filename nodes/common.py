@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-import folder_paths
 
 from ..waifukit.loading import CheckpointError
 from ..waifukit.registry import FETCH_HINT
+from .core_api import folder_paths
 
 CATEGORY = "waifu"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

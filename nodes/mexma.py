@@ -4,11 +4,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import folder_paths
 import torch
 
 from . import mexma_host
 from .common import CATEGORY, DTYPE_INPUT, TEXT_DEVICE_INPUT, model_file
+from .core_api import folder_paths
 
 
 def _text_encoder_choices() -> list[str]:

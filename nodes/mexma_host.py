@@ -12,13 +12,12 @@ from pathlib import Path
 
 import torch
 
-import comfy.model_management as mm
-import comfy.model_patcher
 
 from ..waifukit.mexma import (MISSING_PROJECTOR, MISSING_VISION, MexmaSigLIPText, SiglipVisionTower,
                               preprocess_images, resolve_mexma)
 from ..waifukit import loading
 from .common import pick_dtype
+from .core_api import ModelPatcher, mm
 
 
 class MexmaTextEncoder:
@@ -31,8 +30,8 @@ class MexmaTextEncoder:
         self.tokenizer = tokenizer
         self.source = source
         self.vision = vision
-        self.patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
-        self.vision_patcher = None if vision is None else comfy.model_patcher.ModelPatcher(
+        self.patcher = ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+        self.vision_patcher = None if vision is None else ModelPatcher(
             vision, load_device=load_device, offload_device=offload_device)
 
     @property

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import torch
 
-import comfy.model_management as mm
-import folder_paths
-import latent_preview
 
 from ..waifukit import ddpm
 from ..waifukit.mexma import MISSING_PROJECTOR
@@ -18,6 +15,7 @@ from ..waifukit.sdxs import is_sdxs_snapshot
 from . import mexma_host, sdxs_host, vae16_host
 from .common import (BATCH_SIZE_INPUT, CATEGORY, DENOISE_INPUT, DTYPE_INPUT, LATENT_IMAGE_INPUT, RAW_LATENT_TOOLTIP,
                      TEXT_DEVICE_INPUT, check_side, diffusers_folder, diffusers_folders, model_file, start_latent)
+from .core_api import folder_paths, latent_preview, mm
 
 SDXS_HINT = fetch_hint("sdxs")
 SDXS_DEFAULTS = MODELS["sdxs"]

@@ -1,4 +1,4 @@
-"""ComfyUI glue for the SDXS UNet: a ``comfy.model_base.BaseModel`` (EPS or V_PREDICTION as the scheduler
+"""ComfyUI glue for the SDXS UNet: a ``BaseModel`` (EPS or V_PREDICTION as the scheduler
 config says, ComfyUI's discrete model sampling on the same betas) inside a ``ModelPatcher``, so memory
 management and stock samplers work. ``LATENT["samples"]`` holds raw VAE latents; the snapshot's
 scaling/shift factors live in the model's latent format. The conditioning SDXS reads is the pooled
@@ -11,10 +11,6 @@ from pathlib import Path
 
 import torch
 
-import comfy.model_base
-import comfy.model_management as mm
-import comfy.model_patcher
-import comfy.supported_models_base
 
 from ..waifukit import loading
 from ..waifukit.ddpm import DDPMParams, DiscreteSchedule
@@ -22,12 +18,13 @@ from ..waifukit.mexma import MISSING_PROJECTOR
 from ..waifukit.sdxs import SDXSUNet, resolve_unet
 from .common import param_count, pick_dtype
 from .vae16_host import Latent16
+from .core_api import BASE, BaseModel, ModelPatcher, ModelType, mm
 
 # diffusers beta_schedule -> ComfyUI make_beta_schedule name (ComfyUI's "linear" is diffusers' scaled_linear).
 _COMFY_BETAS = {"linear": "sqrt_linear", "scaled_linear": "linear", "squaredcos_cap_v2": "squaredcos_cap_v2"}
 
 
-class SDXSConfig(comfy.supported_models_base.BASE):
+class SDXSConfig(BASE):
     unet_config = {}
     unet_extra_config = {}
     latent_format = Latent16
@@ -45,10 +42,10 @@ class SDXSConfig(comfy.supported_models_base.BASE):
                                   "zsnr": sched.rescale_betas_zero_snr}
 
 
-class SDXSModel(comfy.model_base.BaseModel):
+class SDXSModel(BaseModel):
     def __init__(self, model_config: SDXSConfig, device=None):
-        kind = {"epsilon": comfy.model_base.ModelType.EPS,
-                "v_prediction": comfy.model_base.ModelType.V_PREDICTION}.get(model_config.sched.prediction_type)
+        kind = {"epsilon": ModelType.EPS,
+                "v_prediction": ModelType.V_PREDICTION}.get(model_config.sched.prediction_type)
         if kind is None:
             raise ValueError(f"prediction_type {model_config.sched.prediction_type!r} has no ComfyUI model type; "
                              "only epsilon and v_prediction SDXS checkpoints are supported")
@@ -95,4 +92,4 @@ def load_unet(path: Path, dtype_choice: str = "auto", vae_config: dict | None = 
     model.sdxs_source = str(weights)
     logging.info("comfyui-waifu: SDXS UNet from %s (%s, %s, latent scale %s shift %s)", weights, dtype,
                  sched.prediction_type, scale, shift)
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return ModelPatcher(model, load_device=load_device, offload_device=offload_device)

@@ -1,11 +1,11 @@
 """AuraDiffusion 16-channel VAE nodes (declarations only)."""
 from __future__ import annotations
 
-import folder_paths
 
 from ..waifukit.tiling import decode_tiled
 from . import vae16_host
 from .common import CATEGORY, DTYPE_INPUT, model_file
+from .core_api import folder_paths
 
 
 class AuraVAE16Loader:

@@ -1,5 +1,5 @@
-"""ComfyUI glue for the 16-channel VAE: a ``comfy.sd.VAE`` whose ``first_stage_model`` is our native
-AutoencoderKL, so stock VAEDecode / VAEEncode accept it."""
+"""ComfyUI glue for the 16-channel VAE: a ComfyUI ``VAE`` (native_vae.NativeVAE) around our native AutoencoderKL,
+so stock VAEDecode / VAEEncode / VAEDecodeTiled accept it."""
 from __future__ import annotations
 
 import json
@@ -9,15 +9,13 @@ from pathlib import Path
 
 import torch
 
-import comfy.latent_formats
-import comfy.model_management as mm
-import folder_paths
 
 from ..waifukit import loading
 from ..waifukit.preview import fit_latent_rgb
 from ..waifukit.vae import AutoencoderKL
 from .common import pick_dtype
 from .native_vae import WORKING_DTYPES, NativeVAE
+from .core_api import LatentFormat, folder_paths, mm
 
 
 class AuraVAE(NativeVAE):
@@ -28,19 +26,19 @@ class AuraVAE(NativeVAE):
     def __init__(self, module: AutoencoderKL, latent_channels: int, source: Path, dtype):
         # Core's AutoencoderKL estimates, so model management budgets our decode like its own.
         super().__init__(module, latent_channels=latent_channels, ratio=8, source=source, dtype=dtype,
-                         process_input=lambda image: image * 2.0 - 1.0,
-                         process_output=lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0),
+                         to_model=lambda image: image * 2.0 - 1.0,
+                         from_model=lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0),
                          encode_bytes=1767, decode_bytes=2178 * 64)
 
-    def decode(self, samples_in, vae_options={}):
-        out = super().decode(samples_in, vae_options)
+    def _decode(self, z):
+        out = super()._decode(z)
         if self.vae_dtype == torch.float16 and torch.isnan(out).any():
             # fp16 activations of the 16ch VAE can overflow on some latents: redo this decode in fp32.
             logging.warning("comfyui-waifu: fp16 VAE decode overflowed (NaN); decoding again in fp32")
             self.vae_dtype = torch.float32
             self.first_stage_model.to(torch.float32)
             try:
-                out = super().decode(samples_in, vae_options)
+                out = super()._decode(z)
             finally:
                 self.vae_dtype = torch.float16
                 self.first_stage_model.to(torch.float16)
@@ -53,7 +51,7 @@ class AuraVAE(NativeVAE):
 PREVIEW_FACTORS: dict = {}
 
 
-class Latent16(comfy.latent_formats.LatentFormat):
+class Latent16(LatentFormat):
     """The 16-channel VAE's latents in model space: (raw - shift) * scale. Waifu was trained on a plain 0.18215
     (no shift, the default); SDXS takes both from its snapshot's vae/config.json. Previews use factors fitted from
     the loaded VAE itself (preview_factors), not a copied table."""

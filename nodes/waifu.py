@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import torch
 
-import comfy.model_management as mm
-import folder_paths
-import latent_preview
 
 from ..waifukit.flow import flow_sigmas, initial_noise
 from ..waifukit.fused import sample_flow_euler_fast
@@ -18,6 +15,7 @@ from ..waifukit.registry import FETCH_HINT, MODELS, WAIFU_BUCKETS, bucket_label
 from . import mexma_host, vae16_host, waifu_host
 from .common import (BATCH_SIZE_INPUT, CATEGORY, DENOISE_INPUT, DTYPE_INPUT, LATENT_IMAGE_INPUT, RAW_LATENT_TOOLTIP,
                      TEXT_DEVICE_INPUT, check_side, diffusers_folder, diffusers_folders, model_file, start_latent)
+from .core_api import folder_paths, latent_preview, mm
 
 WAIFU_DEFAULTS = MODELS["waifu-2b"]
 MAX_SIDE = 8192

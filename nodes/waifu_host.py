@@ -1,4 +1,4 @@
-"""ComfyUI glue for the Waifu Linear DiT: a ``comfy.model_base.BaseModel`` with FLOW model sampling (shift
+"""ComfyUI glue for the Waifu Linear DiT: a ``BaseModel`` with FLOW model sampling (shift
 from the snapshot, multiplier 1000) inside a ``ModelPatcher``, so stock samplers and memory management work on
 it. ``LATENT["samples"]`` holds raw VAE latents; the 0.18215 scaling lives in the latent format, as in core.
 """
@@ -9,20 +9,16 @@ from pathlib import Path
 
 import torch
 
-import comfy.conds
-import comfy.model_base
-import comfy.model_management as mm
-import comfy.model_patcher
-import comfy.supported_models_base
 
 from ..waifukit import loading
 from ..waifukit.registry import MODELS
 from ..waifukit.sana import LinearDiT
 from .common import param_count, pick_dtype
 from .vae16_host import Latent16
+from .core_api import BASE, BaseModel, CONDRegular, ModelPatcher, ModelType, mm
 
 
-class WaifuConfig(comfy.supported_models_base.BASE):
+class WaifuConfig(BASE):
     unet_config = {}
     unet_extra_config = {}
     latent_format = Latent16  # 0.18215, no shift: as Waifu was trained
@@ -34,15 +30,15 @@ class WaifuConfig(comfy.supported_models_base.BASE):
         self.sampling_settings = {"shift": float(shift), "multiplier": 1000}
 
 
-class WaifuDiT(comfy.model_base.BaseModel):
+class WaifuDiT(BaseModel):
     def __init__(self, model_config, device=None):
-        super().__init__(model_config, comfy.model_base.ModelType.FLOW, device=device, unet_model=LinearDiT)
+        super().__init__(model_config, ModelType.FLOW, device=device, unet_model=LinearDiT)
 
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)
         mask = kwargs.get("attention_mask")
         if mask is not None:
-            out["attention_mask"] = comfy.conds.CONDRegular(mask)
+            out["attention_mask"] = CONDRegular(mask)
         return out
 
 
@@ -60,6 +56,6 @@ def load_dit(path: Path, dtype_choice: str = "auto", default_shift: float = MODE
     loading.load_strict(model.diffusion_model, res.state_dict, res.source)
     model.waifu_source = str(res.source)
     logging.info("comfyui-waifu: Linear DiT from %s (%s, shift %s)", res.source, dtype, config.sampling_settings["shift"])
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    return ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-import folder_paths
 
 from ..waifukit.registry import MODELS, fetch_hint
 from ..waifukit.wuerstchen_sched import SCHEDULES, timesteps
 from . import wuerstchen_host as host
 from .common import CATEGORY, DTYPE_INPUT, check_side, diffusers_folder, diffusers_folders, model_file
+from .core_api import folder_paths
 
 PRIOR_HINT = fetch_hint("wuerstchen-prior")
 DECODER_HINT = fetch_hint("wuerstchen")

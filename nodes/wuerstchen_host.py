@@ -2,7 +2,7 @@
 through comfy.model_management, and the sampling loops of the reference pipelines.
 
 Types: WUERSTCHEN_PRIOR (Stage C), WUERSTCHEN_DECODER (Stage B), WUERSTCHEN_CLIP (a text tower + tokenizer),
-and the Stage A VQGAN as a ``comfy.sd.VAE`` (so the stock VAEDecode / VAEEncode work on Stage B latents).
+and the Stage A VQGAN as a ComfyUI ``VAE`` (native_vae.NativeVAE) (so the stock VAEDecode / VAEEncode work on Stage B latents).
 ``LATENT["samples"]`` holds Stage C embeddings already de-normalised (x*42-1, what Stage B consumes) or raw
 Stage B latents (the VQGAN's 0.3764 scale is applied inside its decode, as the pipeline does).
 """
@@ -15,11 +15,6 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-import comfy.model_management as mm
-import comfy.model_patcher
-import comfy.ops
-import comfy.utils
-from comfy.cli_args import LatentPreviewMethod, args
 
 from ..waifukit import loading
 from ..waifukit.clip_text import CLIPTextModel, resolve_clip_text
@@ -30,6 +25,7 @@ from ..waifukit.wuerstchen_prior import WuerstchenPrior, resolve_prior
 from ..waifukit.wuerstchen_sched import WuerstchenDDPM, WuerstchenScheduleParams, sample
 from .common import param_count, pick_dtype
 from .native_vae import WORKING_DTYPES, NativeVAE
+from .core_api import LatentPreviewMethod, ModelPatcher, ProgressBar, cli_args, disable_weight_init, mm
 
 # fp16 is known to break Stable Cascade's Stage C (NaN/black, Comfy-Org/ComfyUI#2824); nothing shows v2 is
 # safe, so auto never picks it for Stage C/B: bf16 where supported, else fp32. fp16 stays an explicit choice.
@@ -57,7 +53,7 @@ class WuerstchenStage:
                  load_device, offload_device):
         self.kind, self.module, self.dtype, self.source, self.sched = kind, module, dtype, source, sched
         self.params = module.params
-        self.patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+        self.patcher = ModelPatcher(module, load_device=load_device, offload_device=offload_device)
 
 
 def _load_stage(kind: str, resolver, cls, path: Path, dtype_choice: str, sub: str) -> WuerstchenStage:
@@ -65,7 +61,7 @@ def _load_stage(kind: str, resolver, cls, path: Path, dtype_choice: str, sub: st
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     dtype = pick_dtype(dtype_choice, load_device,
                        lambda: mm.unet_dtype(device=load_device, model_params=param_count(sd), supported_dtypes=STAGE_DTYPES))
-    module = cls(params, operations=comfy.ops.disable_weight_init, dtype=dtype, device=offload_device).eval()
+    module = cls(params, operations=disable_weight_init, dtype=dtype, device=offload_device).eval()
     loading.load_strict(module, {k: v.to(dtype) for k, v in sd.items()}, weights)
     logging.info("comfyui-waifu: Würstchen %s from %s (%s)", kind, weights, dtype)
     return WuerstchenStage(kind, module, dtype, weights, _scheduler(_snapshot_root(weights, sub)), load_device,
@@ -86,7 +82,7 @@ class WuerstchenCLIP:
     def __init__(self, module: CLIPTextModel, tokenizer, source: Path, role: str, load_device, offload_device):
         self.module, self.tokenizer, self.source, self.role = module, tokenizer, source, role
         self.width = module.params.hidden_size
-        self.patcher = comfy.model_patcher.ModelPatcher(module, load_device=load_device, offload_device=offload_device)
+        self.patcher = ModelPatcher(module, load_device=load_device, offload_device=offload_device)
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         """last_hidden_state [B,77,D] with the attention mask applied, as both Würstchen pipelines do."""
@@ -102,13 +98,13 @@ def load_clip(path: Path, role: str, dtype_choice: str = "auto", tokenizer: Path
     params, sd, weights, tok = resolve_clip_text(path, tokenizer)
     load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
     dtype = pick_dtype(dtype_choice, load_device, lambda: mm.text_encoder_dtype(load_device))
-    module = CLIPTextModel(params, operations=comfy.ops.disable_weight_init, dtype=dtype, device=offload_device).eval()
+    module = CLIPTextModel(params, operations=disable_weight_init, dtype=dtype, device=offload_device).eval()
     loading.load_strict(module, {k: v.to(dtype) for k, v in sd.items()}, weights)
     return WuerstchenCLIP(module, tok, weights, role, load_device, offload_device)
 
 
 class _StageA(nn.Module):
-    """What comfy.sd.VAE calls: decode(Stage B latents) and encode(pixels in [0,1]) in Stage B space."""
+    """What NativeVAE calls: decode(Stage B latents) and encode(pixels in [0,1]) in Stage B space."""
 
     def __init__(self, vq: PaellaVQ):
         super().__init__()
@@ -131,8 +127,8 @@ class WuerstchenVQGAN(NativeVAE):
 
     def __init__(self, vq: PaellaVQ, source: Path, dtype):
         super().__init__(_StageA(vq), latent_channels=vq.params.latent_channels, ratio=vq.params.downscale,
-                         source=source, dtype=dtype, process_input=lambda image: image,
-                         process_output=lambda image: torch.clamp(image, min=0.0, max=1.0),
+                         source=source, dtype=dtype, to_model=lambda image: image,
+                         from_model=lambda image: torch.clamp(image, min=0.0, max=1.0),
                          encode_bytes=1200, decode_bytes=1200 * 16)
 
 
@@ -173,14 +169,14 @@ def run_stage(stage: WuerstchenStage, shape, cond: torch.Tensor, uncond: torch.T
         effnet = (torch.cat([effnet, torch.zeros_like(effnet)]) if guided else effnet).to(device, dtype)
     model = stage.module
     steps = len(ts) - 1
-    bar = comfy.utils.ProgressBar(steps)
-    factors = getattr(stage, "preview_factors", None) if args.preview_method != LatentPreviewMethod.NoPreviews else None
+    bar = ProgressBar(steps)
+    factors = getattr(stage, "preview_factors", None) if cli_args.preview_method != LatentPreviewMethod.NoPreviews else None
 
     def callback(i, x0, x_next):
         preview = None
         if factors is not None:  # Stage B latents -> RGB with factors fitted from the VQGAN (see load_decoder_previews)
             rgb = torch.nn.functional.linear(x0[0].movedim(0, -1).float().cpu(), factors[0], factors[1])
-            preview = ("JPEG", Image.fromarray(((rgb + 1) * 127.5).clamp(0, 255).byte().numpy()), args.preview_size)
+            preview = ("JPEG", Image.fromarray(((rgb + 1) * 127.5).clamp(0, 255).byte().numpy()), cli_args.preview_size)
         bar.update_absolute(i + 1, steps, preview)
 
     def model_fn(x, r):

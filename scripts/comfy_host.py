@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACK_DIR_NAME = "comfyui-waifu"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from setup_comfyui import comfyui_path  # noqa: E402
+from setup_comfyui import Host, primary_host  # noqa: E402
 
 
 def free_port() -> int:
@@ -31,9 +31,10 @@ def free_port() -> int:
 
 
 class ComfyHost:
-    def __init__(self, base_dir: Path, comfyui: Path | None = None, extra_args=()):
+    def __init__(self, base_dir: Path, host: Host | None = None, extra_args=()):
         self.base = Path(base_dir)
-        self.comfyui = Path(comfyui) if comfyui else comfyui_path()
+        self.host = host or primary_host()
+        self.comfyui = self.host.path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_args = list(extra_args)
@@ -58,7 +59,7 @@ class ComfyHost:
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base),
                "--database-url", "sqlite:///:memory:", *self.extra_args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(self.host.env(), PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=self.comfyui, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout

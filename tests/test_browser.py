@@ -46,14 +46,14 @@ FIT_VIEW = """() => {
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    base = tmp_path_factory.mktemp("browser")
+def host(tmp_path_factory, comfy_host):
+    base = tmp_path_factory.mktemp(f"browser-{comfy_host.name}")
     install_all(base / "models")
     # A returning user: no first-run template browser over the canvas.
     settings = base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True)
     settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
-    h = ComfyHost(base, extra_args=["--preview-method", "latent2rgb"]).start()
+    h = ComfyHost(base, comfy_host, extra_args=["--preview-method", "latent2rgb"]).start()
     yield h
     h.stop()
 
@@ -112,7 +112,7 @@ def test_example_workflow_in_the_browser(host, page, path):
     page.evaluate(FIT_VIEW)
     page.wait_for_timeout(300)
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{path.stem}.png"))
+    page.screenshot(path=str(ARTIFACTS / f"{path.stem}-{host.host.name}.png"))
 
 
 def test_every_pack_node_is_registry_ready(host):

@@ -9,14 +9,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from setup_comfyui import comfyui_path  # noqa: E402
 
 pytestmark = pytest.mark.host
 
 PRELUDE = f"""
-import importlib.util, sys, torch
-sys.path.insert(0, {str(comfyui_path())!r})
+import importlib.util, os, sys, torch
+sys.path.insert(0, os.getcwd())
 from comfy.cli_args import args
 args.cpu = True
 spec = importlib.util.spec_from_file_location("waifu_pack", {str(ROOT / '__init__.py')!r},
@@ -25,15 +23,16 @@ pack = importlib.util.module_from_spec(spec); sys.modules["waifu_pack"] = pack; 
 """
 
 
-def run(script: str) -> str:
+def run(comfy_host, script: str) -> str:
+    """Run ``script`` after importing the pack the way ``comfy_host`` (a setup_comfyui.Host) loads custom nodes."""
     res = subprocess.run([sys.executable, "-c", PRELUDE + script], capture_output=True, text=True, timeout=300,
-                         cwd=comfyui_path())
+                         cwd=comfy_host.path, env=comfy_host.env())
     assert res.returncode == 0, res.stderr[-4000:]
     return res.stdout + res.stderr
 
 
-def test_fp16_vae_decode_that_overflows_is_redone_in_fp32():
-    out = run("""
+def test_fp16_vae_decode_that_overflows_is_redone_in_fp32(comfy_host):
+    out = run(comfy_host, """
 from waifu_pack.nodes.vae16_host import AuraVAE
 
 class Overflowing(torch.nn.Module):
@@ -55,3 +54,51 @@ assert vae.vae_dtype == torch.float16 and vae.first_stage_model.w.dtype == torch
 print("OK")
 """)
     assert "OK" in out and "decoding again in fp32" in out
+
+
+def test_core_surface_binds_on_this_host(comfy_host):
+    out = run(comfy_host, """
+from waifu_pack.nodes import core_api
+problems = core_api.check_surface()
+print("SURFACE", len(core_api.SURFACE), "names;", "problems:", problems)
+assert not problems, problems
+""")
+    assert "problems: []" in out, out
+
+
+def _host_without(comfy_host, tmp_path, rel: str, old: str, new: str):
+    """A copy of the host (symlinks, except the one edited file) where ``old`` is replaced by ``new`` in ``rel``."""
+    root = tmp_path / "host"
+    parts = Path(rel).parts
+    src, dst = Path(comfy_host.path), root
+    dst.mkdir()
+    for depth, part in enumerate(parts):
+        for entry in src.iterdir():
+            if entry.name != part:
+                (dst / entry.name).symlink_to(entry)
+        src, dst = src / part, dst / part
+        if depth < len(parts) - 1:
+            dst.mkdir()
+    text = src.read_text()
+    assert old in text
+    dst.write_text(text.replace(old, new))
+    return root
+
+
+@pytest.mark.parametrize("rel,old,new,name", [
+    ("comfy/model_management.py", "def throw_exception_if_processing_interrupted(",
+     "def _gone_throw_exception_if_processing_interrupted(", "throw_exception_if_processing_interrupted: missing"),
+    ("comfy/model_patcher.py", "def __init__(self, model, load_device, offload_device,",
+     "def __init__(self, model, device, offload_device,", "comfy.model_patcher.ModelPatcher"),
+])
+def test_drift_guard_names_a_changed_core_name(comfy_host, tmp_path, rel, old, new, name):
+    """The guard is proven able to fail: on a host copy with one name we use removed or renamed, the pack's
+    load-time check names it (and the check test above would fail)."""
+    broken = _host_without(comfy_host, tmp_path, rel, old, new)
+    res = subprocess.run([sys.executable, "-c", PRELUDE + """
+from waifu_pack.nodes import core_api
+print("PROBLEMS", core_api.check_surface())
+"""], capture_output=True, text=True, timeout=300, cwd=broken, env=comfy_host.env())
+    out = res.stdout + res.stderr
+    assert name in out and "differs from the versions this pack is tested on" in out, out[-3000:]
+    print(next(line for line in out.splitlines() if line.startswith("PROBLEMS")))

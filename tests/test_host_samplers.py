@@ -30,10 +30,10 @@ SAMPLERS = [
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    base = tmp_path_factory.mktemp("samplers")
+def host(tmp_path_factory, comfy_host):
+    base = tmp_path_factory.mktemp(f"samplers-{comfy_host.name}")
     install_all(base / "models")
-    h = ComfyHost(base, extra_args=["--preview-method", "latent2rgb"]).start()
+    h = ComfyHost(base, comfy_host, extra_args=["--preview-method", "latent2rgb"]).start()
     yield h
     h.stop()
 
@@ -72,7 +72,7 @@ def events(host, wf, interrupt_node=None):
                 continue
             if m["type"] == "progress":
                 progress.setdefault(data["node"], []).append(data["value"])
-                if interrupt_node == data["node"] and data["value"] == 2 and not sent:
+                if interrupt_node == data["node"] and data["value"] >= 2 and not sent:
                     threading.Thread(target=host.post, args=("/interrupt", {})).start()
                     sent = True
             if m["type"] in ("execution_success", "execution_error", "execution_interrupted"):
@@ -81,11 +81,20 @@ def events(host, wf, interrupt_node=None):
         ws.close()
 
 
+def throttles_progress(host) -> bool:
+    return "PROGRESS_THROTTLE_MIN_INTERVAL" in (host.comfyui / "comfy_host" / "utils.py").read_text()
+
+
 @pytest.mark.parametrize("family,node,quick,long", SAMPLERS, ids=[f"{s[0]}-{s[1]}" for s in SAMPLERS])
 def test_progress_per_step_and_interrupt(host, family, node, quick, long):
     progress, kind, _ = events(host, workflow(family, node, quick))
     assert kind == "execution_success"
-    assert progress[node] == [1, 2, 3, 4]
+    if throttles_progress(host):
+        # ComfyUI >= 0.33 drops plain progress events closer than its throttle interval (comfy/utils.py
+        # ProgressBar); the first and the last always arrive, and every step still checks for interrupts.
+        assert progress[node][0] == 1 and progress[node][-1] == 4 and progress[node] == sorted(set(progress[node]))
+    else:
+        assert progress[node] == [1, 2, 3, 4]
     progress, kind, data = events(host, workflow(family, node, long), interrupt_node=node)
     assert kind == "execution_interrupted", data.get("exception_message", data)
     assert data["node_id"] == node

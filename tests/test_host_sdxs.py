@@ -33,9 +33,9 @@ API = json.loads((ROOT / "example_workflows" / "sdxs_t2i.api.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory):
+def host(tmp_path_factory, comfy_host):
     from safetensors.torch import save_file
-    base = tmp_path_factory.mktemp("comfy_sdxs")
+    base = tmp_path_factory.mktemp(f"comfy_sdxs-{comfy_host.name}")
     models = base / "models"
     snap = build_sdxs_snapshot(models / "diffusers" / "sdxs")
     dm = models / "diffusion_models"
@@ -54,7 +54,7 @@ def host(tmp_path_factory):
     te.mkdir(parents=True, exist_ok=True)
     shutil.copy(snap / "text_encoder" / "model.fp16.safetensors", te / "xlmr-only.safetensors")
     shutil.copytree(snap / "tokenizer", te / "xlmr-only_tokenizer")
-    h = ComfyHost(base).start()
+    h = ComfyHost(base, comfy_host).start()
     h.snapshot = snap
     yield h
     h.stop()

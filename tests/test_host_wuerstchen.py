@@ -34,8 +34,8 @@ PROMPT = API["3"]["inputs"]["text"]
 
 
 @pytest.fixture(scope="module")
-def host(tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy")
+def host(tmp_path_factory, comfy_host):
+    base = tmp_path_factory.mktemp(f"comfy-{comfy_host.name}")
     models = base / "models"
     install_wuerstchen(models)
     prior, dec = models / "diffusers" / "wuerstchen-prior", models / "diffusers" / "wuerstchen"
@@ -50,7 +50,7 @@ def host(tmp_path_factory):
     for dst, src in files.items():
         (models / dst).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(next(src.glob("*.safetensors")), models / dst)
-    h = ComfyHost(base).start()
+    h = ComfyHost(base, comfy_host).start()
     h.prior_root, h.decoder_root = prior, dec
     yield h
     h.stop()

@@ -74,15 +74,42 @@ def test_nodes_registered_with_tooltips(host):
     assert info["WaifuSnapshotLoader"]["input"]["required"]["snapshot"][0] == ["waifu-2b"]
 
 
+# Prompts as users type them: capitals, surrounding spaces, CJK, a real negative prompt.
+PROMPT = "  1Girl, Silver Hair, 赤い目, 桜の下で  "
+NEGATIVE = "Lowres, Blurry, bad anatomy"
+
+
+def typed(wf, prompt=PROMPT, negative=NEGATIVE):
+    wf["2"]["inputs"]["text"], wf["3"]["inputs"]["text"] = prompt, negative
+    return wf
+
+
 @pytest.mark.parametrize("width,height,batch", [(256, 256, 1), (192, 128, 2)])
 def test_api_workflow_matches_reference(host, reference, width, height, batch):
-    prompt = API["2"]["inputs"]["text"]
     seed, steps, cfg = 7, 4, 4.5
-    ours = run_ok(host, workflow(seed=seed, steps=steps, cfg=cfg, width=width, height=height, batch_size=batch))
-    ref = reference_images(reference, prompt, "", seed, steps, cfg, width, height, batch)
+    ours = run_ok(host, typed(workflow(seed=seed, steps=steps, cfg=cfg, width=width, height=height, batch_size=batch)))
+    ref = reference_images(reference, PROMPT, NEGATIVE, seed, steps, cfg, width, height, batch)
     assert len(ours) == batch
     for i in range(batch):
         assert_pixels_match(ours[i], ref[i])
+
+
+@pytest.mark.parametrize("change", ["prompt", "negative", "cfg", "seed", "shift"])
+def test_reference_check_can_fail(host, reference, change):
+    """Controls: each input the test above feeds moves our image far past its bound (>= 5/255 mean) away from the
+    reference's, so a node that dropped or misread it could not pass."""
+    ref = reference_images(reference, PROMPT, NEGATIVE, 7, 4, 4.5, 128, 128)[0]
+    wf = typed(workflow(seed=7, steps=4, cfg=4.5, width=128, height=128))
+    assert_pixels_match(run_ok(host, wf)[0], ref)
+    edits = {"prompt": lambda: typed(wf, prompt="a red car on a highway"),
+             "negative": lambda: typed(wf, negative=""),
+             "cfg": lambda: wf["4"]["inputs"].update(cfg=2.0),
+             "seed": lambda: wf["4"]["inputs"].update(seed=8),
+             "shift": lambda: wf["4"]["inputs"].update(shift=1.0)}
+    edits[change]()
+    moved = np.abs(run_ok(host, wf)[0].astype(float) - ref.astype(float)).mean()
+    print(f"control {change}: {moved:.2f}/255 mean from the reference")
+    assert moved >= 5.0, f"changing {change} moved the image only {moved:.2f}/255"
 
 
 def test_single_file_loaders_match_snapshot(host):

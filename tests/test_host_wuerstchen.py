@@ -30,7 +30,9 @@ pytestmark = pytest.mark.host
 NODE_IDS = ["WuerstchenPriorLoader", "WuerstchenDecoderLoader", "WuerstchenStageCLoader", "WuerstchenStageBLoader",
             "WuerstchenStageALoader", "WuerstchenTextEncode", "WuerstchenStageC", "WuerstchenStageB", "WuerstchenStageA"]
 API = json.loads((ROOT / "example_workflows" / "wuerstchen_t2i.api.json").read_text())
-PROMPT = API["3"]["inputs"]["text"]
+# Prompts as people type them: capitals, surrounding spaces, CJK, a real negative prompt.
+PROMPT = "  A Shiba Inu in a SPACESUIT and Helmet, 城市的夜景  "
+NEGATIVE = "blurry, Low Quality, watermark "
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def reference(host):
     return load_reference(host.prior_root, host.decoder_root)
 
 
-def workflow(c=None, b=None, prompt=PROMPT, negative=""):
+def workflow(c=None, b=None, prompt=PROMPT, negative=NEGATIVE):
     wf = copy.deepcopy(API)
     wf["3"]["inputs"]["text"] = wf["6"]["inputs"]["text"] = prompt
     wf["4"]["inputs"]["text"] = negative
@@ -85,17 +87,47 @@ def test_api_workflow_matches_diffusers_pipelines(host, reference, width, height
     from waifukit.wuerstchen_sched import timesteps
     c = dict(width=width, height=height, batch_size=batch, seed=11, steps=c_steps, schedule=schedule, cfg=c_cfg)
     b = dict(seed=23, steps=b_steps, cfg=b_cfg)
-    wf = workflow(c, b, negative="blurry")
+    wf = workflow(c, b)
     if b_cfg > 1:
-        wf["10"] = {"class_type": "WuerstchenTextEncode", "inputs": {"clip": ["2", 1], "text": "lowres"}}
+        wf["10"] = {"class_type": "WuerstchenTextEncode", "inputs": {"clip": ["2", 1], "text": " LowRes, jpeg artifacts"}}
         wf["7"]["inputs"]["negative"] = ["10", 0]
     ours = run_ok(host, wf)
     ts = timesteps(c_steps, schedule).tolist()
-    ref, _ = reference_images(reference, PROMPT, "blurry", width, height, batch, 11, ts, c_cfg, 23, b_steps, b_cfg,
-                              decoder_negative="lowres" if b_cfg > 1 else "")
+    ref, _ = reference_images(reference, PROMPT, NEGATIVE, width, height, batch, 11, ts, c_cfg, 23, b_steps, b_cfg,
+                              decoder_negative=" LowRes, jpeg artifacts" if b_cfg > 1 else "")
     assert len(ours) == batch
     for i in range(batch):
         assert_pixels_match(ours[i], ref[i])
+
+
+BASE_C = dict(width=128, height=128, batch_size=1, seed=11, steps=29, schedule="wuerstchen_default", cfg=4.0)
+BASE_B = dict(seed=23, steps=12, cfg=0.0)
+CONTROLS = {  # each input changed on its own, in the node's own widget
+    "prompt": dict(prompt="a watercolor painting of a lighthouse at dawn"),
+    "negative": dict(negative=""),
+    "prior cfg": dict(c={"cfg": 1.0}),
+    "prior seed": dict(c={"seed": 12}),
+    "decoder seed": dict(b={"seed": 24}),
+    "prior steps+schedule": dict(c={"steps": 5, "schedule": "linear"}),
+    "decoder steps": dict(b={"steps": 6}),
+}
+
+
+def test_every_input_moves_the_image(host, reference):
+    """The controls that prove the parity test can fail: each input changed alone moves our image by
+    >= 5/255 mean (the parity bound is 1/255), and the base image matches the reference."""
+    from waifukit.wuerstchen_sched import timesteps
+    base = run_ok(host, workflow(BASE_C, BASE_B))[0].astype(np.float64)
+    ref, _ = reference_images(reference, PROMPT, NEGATIVE, 128, 128, 1, 11, timesteps(29, "wuerstchen_default").tolist(),
+                              4.0, 23, 12, 0.0)
+    assert_pixels_match(base.astype(np.uint8), ref[0])
+    moved = {}
+    for name, change in CONTROLS.items():
+        wf = workflow(dict(BASE_C, **change.get("c", {})), dict(BASE_B, **change.get("b", {})),
+                      prompt=change.get("prompt", PROMPT), negative=change.get("negative", NEGATIVE))
+        moved[name] = float(np.abs(run_ok(host, wf)[0].astype(np.float64) - base).mean())
+    print("control diffs (/255 mean):", {k: round(v, 2) for k, v in moved.items()})
+    assert all(v >= 5.0 for v in moved.values()), moved
 
 
 def test_default_timesteps_are_diffusers_default():

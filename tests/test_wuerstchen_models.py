@@ -6,6 +6,8 @@ what was found.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -171,6 +173,31 @@ def test_single_files_infer_the_published_configs(files):
     assert params == PaellaVQParams.from_diffusers_config(dict(tiny_vqgan().config))
 
 
+def test_bin_twins_are_never_unpickled_and_the_bn_counter_stays_int64(tmp_path, monkeypatch):
+    """The published folders hold .bin pickles beside the .safetensors: the safetensors file is read and the
+    pickle never opened; the VQGAN's num_batches_tracked is int64 in the file and loads strictly."""
+    from fixtures.wuerstchen_snapshot import build_decoder_snapshot, build_prior_snapshot
+    prior_root, dec_root = build_prior_snapshot(tmp_path / "p"), build_decoder_snapshot(tmp_path / "d")
+    for folder in (prior_root / "prior", dec_root / "decoder", dec_root / "vqgan"):
+        assert (folder / "diffusion_pytorch_model.bin").is_file()
+    for root in (prior_root, dec_root):  # tokenizer/ as published: 5 files (F1/F2)
+        assert sorted(p.name for p in (root / "tokenizer").iterdir()) == [
+            "merges.txt", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
+
+    def no_pickles(*a, **k):
+        raise AssertionError(f"torch.load called on {a[:1]}")
+    monkeypatch.setattr(torch, "load", no_pickles)
+    for resolver, folder in ((resolve_prior, prior_root), (resolve_decoder, dec_root), (resolve_vqgan, dec_root)):
+        _, _, weights = resolver(folder)
+        assert weights.suffix == ".safetensors"
+    params, sd, _ = resolve_vqgan(dec_root)
+    counter = sd["down_blocks.3.1.num_batches_tracked"]
+    assert counter.dtype == torch.int64
+    model = PaellaVQ(params)
+    model.load_state_dict(sd, strict=True)
+    assert model.down_blocks[3][1].num_batches_tracked.dtype == torch.int64
+
+
 def test_original_in_proj_layout_converts(tmp_path):
     ref = tiny_prior()
     sd = {}
@@ -241,3 +268,108 @@ def test_shape_errors_are_clear(decoder_pair, prior_pair, vq_pair):
         prior_pair[1](torch.randn(1, 16, 3, 3), torch.tensor([0.5]), torch.randn(1, 77, 64))
     with pytest.raises(ValueError, match="from Stage B"):
         vq_pair[1].decode(torch.randn(1, 16, 3, 3))
+
+
+# --- the published layouts at full size (meta device: no memory, no download) ---------------------------------
+# config.json files of warp-ai/wuerstchen-prior and warp-ai/wuerstchen (published_layouts.md F1/F2): the three
+# model configs verbatim from the Hub (184, 525 and 287 bytes as diffusers writes them); the two text encoder
+# configs carry the fields F1/F2 list (their exact bytes were not in the crawl).
+PUBLISHED = {
+    "prior": {"_class_name": "WuerstchenPrior", "_diffusers_version": "0.21.0.dev0", "c": 1536, "c_cond": 1280,
+              "c_in": 16, "c_r": 64, "depth": 32, "dropout": 0.1, "nhead": 24},
+    "decoder": {"_class_name": "WuerstchenDiffNeXt", "_diffusers_version": "0.21.0.dev0", "blocks": [4, 4, 14, 4],
+                "c_cond": 1024, "c_hidden": [320, 640, 1280, 1280], "c_in": 4, "c_out": 4, "c_r": 64,
+                "clip_embd": 1024, "dropout": 0.1, "effnet_embd": 16, "inject_effnet": [False, True, True, True],
+                "kernel_size": 3, "level_config": ["CT", "CTA", "CTA", "CTA"], "nhead": [-1, 10, 20, 20],
+                "patch_size": 2},
+    "vqgan": {"_class_name": "PaellaVQModel", "_diffusers_version": "0.21.0.dev0", "bottleneck_blocks": 12,
+              "embed_dim": 384, "in_channels": 3, "latent_channels": 4, "levels": 2, "num_vq_embeddings": 8192,
+              "out_channels": 3, "scale_factor": 0.3764, "up_down_scale_factor": 2},
+    "prior_text": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_size": 1280,
+                   "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 20,
+                   "max_position_embeddings": 77, "hidden_act": "gelu", "layer_norm_eps": 1e-05,
+                   "vocab_size": 49408, "projection_dim": 512, "bos_token_id": 0, "eos_token_id": 2,
+                   "pad_token_id": 1, "torch_dtype": "float32"},
+    "decoder_text": {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_size": 1024,
+                     "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                     "max_position_embeddings": 77, "hidden_act": "gelu", "layer_norm_eps": 1e-05,
+                     "vocab_size": 49408, "projection_dim": 512, "bos_token_id": 0, "eos_token_id": 2,
+                     "pad_token_id": 1, "torch_dtype": "float32"},
+}
+# Tensor elements of a full-size build (published_layouts.md F3; the fp32 file sizes confirm them).
+PUBLISHED_PARAMS = {"prior": 993_636_896, "decoder": 1_055_365_280, "vqgan": 18_406_903,
+                    "prior_text": 693_021_440, "decoder_text": 352_984_064}
+PUBLISHED_BYTES = {"prior": 184, "decoder": 525, "vqgan": 287}
+
+
+def _published_file(tmp_path, name):
+    """The config.json as diffusers serialises it (sorted keys, indent 2, trailing newline)."""
+    path = tmp_path / name / "config.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(PUBLISHED[name], indent=2, sort_keys=True) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_layout_at_full_size_matches_the_reference_classes(tmp_path, name):
+    """Our modules built on the meta device from the published config.json (read the way the loaders read
+    it) have the keys, shapes and dtypes of diffusers'/transformers' classes built from the same file, and the
+    published parameter counts. Meta tensors: nothing is allocated."""
+    from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel as RefVQ
+    from diffusers.pipelines.deprecated.wuerstchen import WuerstchenDiffNeXt as RefDecoder
+    from diffusers.pipelines.deprecated.wuerstchen import WuerstchenPrior as RefPrior
+    from transformers import CLIPTextConfig
+    from transformers import CLIPTextModel as RefCLIP
+
+    from waifukit.clip_text import CLIPTextModel, CLIPTextParams, to_native_layout
+    from waifukit.loading import read_json
+    path = _published_file(tmp_path, name)
+    if name in PUBLISHED_BYTES:  # byte-exact rebuild of the Hub file
+        assert path.stat().st_size == PUBLISHED_BYTES[name]
+    cfg = read_json(path)
+    meta = torch.device("meta")
+    if name == "prior":
+        ours = WuerstchenPrior(WuerstchenPriorParams.from_diffusers_config(cfg), device=meta)
+        with meta:
+            ref = RefPrior.from_config(cfg)
+        ref_sd = ref.state_dict()
+    elif name == "decoder":
+        ours = WuerstchenDiffNeXt(DiffNeXtParams.from_diffusers_config(cfg), device=meta)
+        with meta:
+            ref = RefDecoder.from_config(cfg)
+        ref_sd = ref.state_dict()
+    elif name == "vqgan":
+        ours = PaellaVQ(PaellaVQParams.from_diffusers_config(cfg), device=meta)
+        with meta:
+            ref = RefVQ.from_config(cfg)
+        ref_sd = ref.state_dict()
+    else:
+        ours = CLIPTextModel(CLIPTextParams.from_hf_config(cfg), device=meta)
+        with meta:
+            ref = RefCLIP(CLIPTextConfig(**cfg))
+        # The published files carry transformers' names (text_model. prefix); the loader maps them.
+        ref_sd = to_native_layout(ref.state_dict())
+    ours_sd = ours.state_dict()
+    assert {k: (tuple(v.shape), v.dtype) for k, v in ours_sd.items()} == \
+        {k: (tuple(v.shape), v.dtype) for k, v in ref_sd.items()}
+    assert all(v.is_meta for v in ours_sd.values())
+    # Elements the file holds (the VQGAN's count includes its BatchNorm running stats and counter).
+    n_ours = sum(v.numel() for v in ours_sd.values())
+    n_ref = sum(v.numel() for v in ref_sd.values())
+    assert n_ours == n_ref == PUBLISHED_PARAMS[name], (n_ours, n_ref)
+    # Control: one field changed in the config changes the layout, so the comparison can fail.
+    if name == "prior":
+        assert sum(p.numel() for p in WuerstchenPrior(WuerstchenPriorParams.from_diffusers_config(
+            dict(cfg, depth=31)), device=meta).parameters()) != PUBLISHED_PARAMS[name]
+
+
+def test_the_reference_never_imports_this_package():
+    """The end-to-end reference (and the fixtures it reads) must not share our reading of the models."""
+    import ast
+    from pathlib import Path
+    fixtures = Path(__file__).parent / "fixtures"
+    for name in ("wuerstchen_snapshot.py", "clip_tokenizer.py"):
+        tree = ast.parse((fixtures / name).read_text())
+        modules = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not [m for m in modules if m.split(".")[0] in ("waifukit", "nodes")], (name, modules)

@@ -90,14 +90,17 @@ class WuerstchenDecoderLoader:
 
 
 class WuerstchenStageCLoader:
-    DESCRIPTION = "Loads a Würstchen v2 Stage C (prior) single file from models/diffusion_models."
+    DESCRIPTION = ("Loads a Würstchen v2 Stage C (prior) single file from models/diffusion_models. Its config must sit "
+                   "beside it as <name>.json (warp-ai/wuerstchen-prior prior/config.json renamed): the head count "
+                   "is not in the weights. Pipeline constants and noise schedule: the published defaults.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "unet_name": (folder_paths.get_filename_list("diffusion_models"),
                           {"tooltip": "A Stage C file in models/diffusion_models (diffusers keys, or the original "
-                                      "checkpoint's in_proj attention keys); the config is inferred from the shapes."}),
+                                      "checkpoint's in_proj attention keys), with prior/config.json of "
+                                      "warp-ai/wuerstchen-prior beside it as <name>.json."}),
             "dtype": DTYPE_STAGE,
         }}
 
@@ -112,14 +115,16 @@ class WuerstchenStageCLoader:
 
 
 class WuerstchenStageBLoader:
-    DESCRIPTION = "Loads a Würstchen v2 Stage B (decoder) single file from models/diffusion_models."
+    DESCRIPTION = ("Loads a Würstchen v2 Stage B (decoder) single file from models/diffusion_models. Its config must "
+                   "sit beside it as <name>.json (warp-ai/wuerstchen decoder/config.json renamed): head counts and "
+                   "the block pattern are not in the weights.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "unet_name": (folder_paths.get_filename_list("diffusion_models"),
-                          {"tooltip": "A Stage B file in models/diffusion_models (diffusers keys); the config is "
-                                      "inferred from the shapes."}),
+                          {"tooltip": "A Stage B file in models/diffusion_models (diffusers keys), with "
+                                      "decoder/config.json of warp-ai/wuerstchen beside it as <name>.json."}),
             "dtype": DTYPE_STAGE,
         }}
 
@@ -134,14 +139,16 @@ class WuerstchenStageBLoader:
 
 
 class WuerstchenStageALoader:
-    DESCRIPTION = "Loads the Würstchen v2 Stage A (Paella VQGAN) single file from models/vae."
+    DESCRIPTION = ("Loads the Würstchen v2 Stage A (Paella VQGAN) single file from models/vae, with its config beside "
+                   "it as <name>.json (warp-ai/wuerstchen vqgan/config.json renamed): the latent scale is not in "
+                   "the weights.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "vae_name": (folder_paths.get_filename_list("vae"),
-                         {"tooltip": "The vqgan/ weights of warp-ai/wuerstchen in models/vae (scale factor 0.3764 "
-                                     "unless a config.json says otherwise)."}),
+                         {"tooltip": "The vqgan/ weights of warp-ai/wuerstchen in models/vae, with vqgan/config.json "
+                                     "beside it as <name>.json (it sets the scale factor, 0.3764 as published)."}),
             "dtype": DTYPE_INPUT,
         }}
 

@@ -22,7 +22,7 @@ from ..waifukit.paella_vq import PaellaVQ, resolve_vqgan
 from ..waifukit.preview import fit_latent_rgb
 from ..waifukit.wuerstchen_decoder import WuerstchenDiffNeXt, resolve_decoder
 from ..waifukit.wuerstchen_prior import WuerstchenPrior, resolve_prior
-from ..waifukit.wuerstchen_sched import WuerstchenDDPM, WuerstchenScheduleParams, sample
+from ..waifukit.wuerstchen_sched import WuerstchenDDPM, resolve_schedule, sample
 from .common import param_count, pick_dtype
 from .native_vae import WORKING_DTYPES, NativeVAE
 from .core_api import LatentPreviewMethod, ModelPatcher, ProgressBar, cli_args, disable_weight_init, mm
@@ -33,13 +33,7 @@ STAGE_DTYPES = [torch.bfloat16, torch.float32]
 
 
 def _scheduler(root: Path | None) -> WuerstchenDDPM:
-    cfg = root / "scheduler" / "scheduler_config.json" if root is not None else None
-    if cfg is None or not cfg.is_file():
-        return WuerstchenDDPM()
-    try:
-        return WuerstchenDDPM(WuerstchenScheduleParams.from_scheduler_config(loading.read_json(cfg)))
-    except ValueError as e:
-        raise loading.CheckpointError(f"{cfg}: {e}") from None
+    return WuerstchenDDPM(resolve_schedule(root))
 
 
 def _snapshot_root(weights: Path, sub: str) -> Path | None:

@@ -69,9 +69,15 @@ def test_resolve_from_file_and_wrong_family(tmp_path, tok_dir):
     vocab = len(CLIPTokenizer.from_path(tok_dir).tokenizer.get_vocab())
     te = tiny_clip_text(vocab, 64, 5)
     save_file({"text_model." + k: v.contiguous() for k, v in te.state_dict().items()}, str(tmp_path / "te.safetensors"))
+    # Defect 6: heads/activation/eps are not in the weights; the old loader guessed them (dim // 64, gelu).
+    with pytest.raises(CheckpointError) as e:
+        resolve_clip_text(tmp_path / "te.safetensors", tokenizer=tok_dir)
+    assert str(tmp_path / "te.json") in str(e.value) and "text_encoder/config.json" in str(e.value)
+    te.config.to_json_file(tmp_path / "te.json")
     with pytest.raises(CheckpointError, match="tokenizer"):
         resolve_clip_text(tmp_path / "te.safetensors")
     params, sd, _, tok = resolve_clip_text(tmp_path / "te.safetensors", tokenizer=tok_dir)
+    assert params == CLIPTextParams.from_hf_config(te.config.to_dict())
     assert params.hidden_size == 64 and params.num_hidden_layers == 2
     save_file({"blocks.0.depthwise.weight": torch.zeros(1), "cond_mapper.0.weight": torch.zeros(1)},
               str(tmp_path / "prior.safetensors"))

@@ -52,6 +52,10 @@ def host(tmp_path_factory, comfy_host):
     for dst, src in files.items():
         (models / dst).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(next(src.glob("*.safetensors")), models / dst)
+        if "/wuerstchen-stage-" in "/" + dst:  # the config beside each single file, as <name>.json
+            shutil.copy(src / "config.json", (models / dst).with_suffix(".json"))
+    # A Stage C file without its config: refused, naming the file to add.
+    shutil.copy(prior / "prior" / "diffusion_pytorch_model.safetensors", models / "diffusion_models" / "no-config.safetensors")
     h = ComfyHost(base, comfy_host).start()
     h.prior_root, h.decoder_root = prior, dec
     yield h
@@ -128,6 +132,16 @@ def test_every_input_moves_the_image(host, reference):
         moved[name] = float(np.abs(run_ok(host, wf)[0].astype(np.float64) - base).mean())
     print("control diffs (/255 mean):", {k: round(v, 2) for k, v in moved.items()})
     assert all(v >= 5.0 for v in moved.values()), moved
+
+
+def test_single_file_without_its_config_is_refused(host):
+    """Defect 6 in the host: a Stage C file alone used to load with a guessed head count."""
+    wf = workflow(dict(width=128, height=128, steps=1), dict(steps=1))
+    wf["20"] = {"class_type": "WuerstchenStageCLoader", "inputs": {"unet_name": "no-config.safetensors", "dtype": "auto"}}
+    wf["5"]["inputs"]["prior"] = ["20", 0]
+    message = run_failed(host, wf)
+    assert "no-config.json" in message and "warp-ai/wuerstchen-prior prior/config.json" in message, message
+    assert host.get("/system_stats")
 
 
 def test_default_timesteps_are_diffusers_default():

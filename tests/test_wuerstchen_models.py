@@ -164,13 +164,90 @@ def files(tmp_path_factory):
     return out
 
 
-def test_single_files_infer_the_published_configs(files):
-    params, sd, _ = resolve_prior(files["prior"])
-    assert params == _prior_params(tiny_prior())
-    params, sd, _ = resolve_decoder(files["decoder"])
-    assert params == _decoder_params(tiny_decoder())
-    params, sd, _ = resolve_vqgan(files["vqgan"])
-    assert params == PaellaVQParams.from_diffusers_config(dict(tiny_vqgan().config))
+def _sidecar(weights, config: dict, name=None):
+    """Put a component's config.json beside a single file, as <stem>.json (the convention the loaders name)."""
+    path = weights.parent / (name or weights.name.split(".")[0] + ".json")
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_single_files_need_their_config_beside_them(files, tmp_path):
+    """Defect 6: single files used to load with guessed heads (dim // 64), activation and VQGAN scale. Now a
+    file without <stem>.json is refused, naming that exact path and the published file to copy; with it, the
+    config is the reference's."""
+    import shutil
+    refs = {"prior": (resolve_prior, tiny_prior(), "warp-ai/wuerstchen-prior prior/config.json"),
+            "decoder": (resolve_decoder, tiny_decoder(), "warp-ai/wuerstchen decoder/config.json"),
+            "vqgan": (resolve_vqgan, tiny_vqgan(), "warp-ai/wuerstchen vqgan/config.json")}
+    for name, (resolver, ref, source) in refs.items():
+        weights = tmp_path / f"my-{name}.safetensors"
+        shutil.copy(files[name], weights)
+        with pytest.raises(CheckpointError) as e:
+            resolver(weights)
+        msg = str(e.value)
+        assert str(tmp_path / f"my-{name}.json") in msg and source in msg, msg
+        _sidecar(weights, dict(ref.config))
+        params, _, _ = resolver(weights)
+        expected = {"prior": lambda: _prior_params(ref), "decoder": lambda: _decoder_params(ref),
+                    "vqgan": lambda: PaellaVQParams.from_diffusers_config(dict(ref.config))}[name]()
+        assert params == expected
+    # The config's values are used, not the shapes' guess: 4 heads of 32 where the old loader took 2 of 64.
+    weights = tmp_path / "heads.safetensors"
+    shutil.copy(files["prior"], weights)
+    _sidecar(weights, dict(tiny_prior().config, nhead=4))
+    assert resolve_prior(weights)[0].nhead == 4
+
+
+@pytest.mark.parametrize("missing", ["prior/config.json", "model_index.json", "decoder/config.json",
+                                     "vqgan/config.json", "text_encoder/config.json",
+                                     "scheduler/scheduler_config.json"])
+def test_snapshot_without_a_config_is_refused(tmp_path, missing):
+    """Defect 6: a snapshot missing one of its config files used to load with guessed values (heads,
+    activation, scale, pipeline constants, schedule). Now the missing file is named."""
+    from fixtures.wuerstchen_snapshot import build_decoder_snapshot, build_prior_snapshot
+    from waifukit.clip_text import resolve_clip_text
+    from waifukit.wuerstchen_sched import resolve_schedule
+    root = (build_prior_snapshot if missing.startswith("prior") else build_decoder_snapshot)(tmp_path / "snap")
+    loaders = [lambda: resolve_clip_text(root / "text_encoder"), lambda: resolve_schedule(root)]
+    loaders += ([lambda: resolve_prior(root / "prior")] if (root / "prior").is_dir() else
+                [lambda: resolve_decoder(root / "decoder"), lambda: resolve_vqgan(root / "vqgan")])
+    for load in loaders:  # control: everything loads while the file is there
+        load()
+    (root / missing).unlink()
+    failures = []
+    for load in loaders:
+        try:
+            load()
+        except CheckpointError as e:
+            failures.append(str(e))
+    assert len(failures) == 1 and str(root / missing) in failures[0], failures
+
+
+def test_a_config_that_leaves_a_field_out_reads_as_the_reference():
+    """A field missing from a config.json takes the reference class's default (diffusers / transformers), not
+    our published-size defaults; checked against the installed libraries' signatures."""
+    import inspect
+
+    from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
+    from transformers import CLIPTextConfig
+
+    from waifukit import clip_text, wuerstchen_prior
+
+    def defaults(cls):
+        return {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()
+                if v.default is not inspect.Parameter.empty}
+    prior = defaults(WuerstchenPrior)
+    assert wuerstchen_prior.DIFFUSERS_DEFAULTS == {k: prior[k] for k in wuerstchen_prior.DIFFUSERS_DEFAULTS}
+    assert WuerstchenPriorParams.from_diffusers_config({}).nhead == prior["nhead"] == 16
+    dec = defaults(WuerstchenDiffNeXt)
+    ours = DiffNeXtParams.from_diffusers_config({})
+    assert all(getattr(ours, k) == dec[k] for k in dec if k != "dropout")
+    vq = defaults(PaellaVQModel)
+    ours = PaellaVQParams.from_diffusers_config({})
+    assert all(getattr(ours, k) == vq[k] for k in vq)
+    hf = CLIPTextConfig()
+    assert clip_text.TRANSFORMERS_DEFAULTS == {k: getattr(hf, k) for k in clip_text.TRANSFORMERS_DEFAULTS}
+    assert clip_text.CLIPTextParams.from_hf_config({"hidden_size": 1280}).num_attention_heads == 8
 
 
 def test_bin_twins_are_never_unpickled_and_the_bn_counter_stays_int64(tmp_path, monkeypatch):
@@ -214,6 +291,7 @@ def test_original_in_proj_layout_converts(tmp_path):
         else:
             sd[k] = v
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "orig.safetensors"))
+    _sidecar(tmp_path / "orig.safetensors", dict(ref.config))
     params, sd2, _ = resolve_prior(tmp_path / "orig.safetensors")
     model = WuerstchenPrior(params).eval()
     model.load_state_dict(sd2, strict=True)

@@ -29,6 +29,13 @@ ACTIVATIONS = {
 }
 
 
+# transformers ``CLIPTextConfig`` defaults (models/clip/configuration_clip.py); tests/test_clip_text.py checks
+# them against the installed transformers.
+TRANSFORMERS_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                             num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
+                             layer_norm_eps=1e-5)
+
+
 @dataclass
 class CLIPTextParams:
     vocab_size: int = 49408
@@ -58,19 +65,9 @@ class CLIPTextParams:
         if cfg.get("model_type") not in (None, "clip_text_model", "clip") or \
                 any(not a.startswith("CLIP") for a in archs):
             raise ValueError(f"config.json describes {archs or cfg.get('model_type')}, not a CLIP text model")
-        names = cls.__dataclass_fields__
-        return cls(**{k: cfg[k] for k in names if k in cfg})
-
-    @classmethod
-    def infer(cls, sd: dict) -> "CLIPTextParams":
-        """From shapes. Heads are not in the weights: head dim 64 (OpenAI/LAION CLIP text towers all use it);
-        activation: gelu for 1024/1280 wide (LAION ViT-H/bigG), quick_gelu otherwise (OpenAI)."""
-        vocab, dim = sd["embeddings.token_embedding.weight"].shape
-        layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
-        return cls(vocab_size=vocab, hidden_size=dim, intermediate_size=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
-                   num_hidden_layers=layers, num_attention_heads=max(1, dim // 64),
-                   max_position_embeddings=sd["embeddings.position_embedding.weight"].shape[0],
-                   hidden_act="gelu" if dim in (1024, 1280) else "quick_gelu")
+        # A field the file leaves out takes transformers' CLIPTextConfig default (OpenAI ViT-B sizes,
+        # quick_gelu), as CLIPTextConfig.from_pretrained would, never our bigG defaults.
+        return cls(**{k: cfg.get(k, TRANSFORMERS_DEFAULTS[k]) for k in TRANSFORMERS_DEFAULTS})
 
 
 class _Embeddings(nn.Module):
@@ -276,8 +273,13 @@ def resolve_clip_text(path: Path, tokenizer: Optional[Path] = None):
         sd = to_native_layout(sd)
     except ValueError as e:
         raise CheckpointError(f"{weights}: {e}. Use the text_encoder/ of the same Würstchen snapshot.") from None
+    from .wuerstchen_common import require_config
+    # Head count, activation and LayerNorm eps are not in the weights (bigG and ViT-H differ from OpenAI's).
+    cfg = require_config(cfg, path, weights, "text_encoder", "the attention head count, activation and LayerNorm "
+                         "eps", "the text_encoder/config.json of the same snapshot (warp-ai/wuerstchen-prior for "
+                         "Stage C, warp-ai/wuerstchen for Stage B)")
     try:
-        params = CLIPTextParams.from_hf_config(cfg) if cfg else CLIPTextParams.infer(sd)
+        params = CLIPTextParams.from_hf_config(cfg)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{weights}: unsupported CLIP text config: {e}") from None
     tok_path = tokenizer or find_clip_tokenizer(weights)

@@ -1,7 +1,7 @@
 """Würstchen Stage A: the Paella VQGAN (diffusers ``PaellaVQModel``), pure torch.
 
 Provenance: architecture from diffusers ``pipelines/deprecated/wuerstchen/modeling_paella_vq_model.py`` and
-/work/shared/research/wuerstchen.md section C (read, not copied).
+huggingface.co/warp-ai/wuerstchen ``vqgan/config.json`` (read, not copied).
 
 Pixels are in [0,1]. ``decode`` never quantises (the reference calls ``decode(force_not_quantize=True)``): it
 takes Stage B latents multiplied by ``scale_factor`` (0.3764). ``encode`` returns the BatchNorm output
@@ -18,12 +18,16 @@ import torch.nn.functional as F
 
 from .loading import CheckpointError, load_component
 from .ops import TorchOps, cast_like
-from .wuerstchen_common import conv_transpose, describe_checkpoint, strip_prefix, wrong_family
+from .wuerstchen_common import conv_transpose, describe_checkpoint, require_config, strip_prefix, wrong_family
 
 VQGAN_HINT = ("Stage A is the vqgan/ folder of warp-ai/wuerstchen (huggingface-cli download warp-ai/wuerstchen "
               "--local-dir ComfyUI/models/diffusers/wuerstchen).")
 
 
+CONFIG_SOURCE = "warp-ai/wuerstchen vqgan/config.json"
+
+
+# Defaults = diffusers' PaellaVQModel defaults = the published vqgan/config.json (checked in the tests).
 @dataclass
 class PaellaVQParams:
     in_channels: int = 3
@@ -57,22 +61,6 @@ class PaellaVQParams:
         names = ("in_channels", "out_channels", "up_down_scale_factor", "levels", "bottleneck_blocks", "embed_dim",
                  "latent_channels", "num_vq_embeddings", "scale_factor")
         return cls(**{k: cfg[k] for k in names if k in cfg})
-
-    @classmethod
-    def infer(cls, sd: dict) -> "PaellaVQParams":
-        first = sd["in_block.1.weight"]
-        out = sd["out_block.0.weight"]
-        latent, top = sd["up_blocks.0.0.weight"].shape[1], sd["up_blocks.0.0.weight"].shape[0]
-        levels = 1 + sum(1 for k in sd if k.startswith("down_blocks.") and k.endswith(".weight")
-                         and sd[k].ndim == 4 and sd[k].shape[-1] == 4)
-        scale = 2
-        for s in (1, 2, 4):
-            if first.shape[1] % (s * s) == 0 and out.shape[0] % (s * s) == 0:
-                scale = s if first.shape[1] // (s * s) in (1, 3, 4) else scale
-        mixers = {int(k.split(".")[1]) for k in sd if k.startswith("up_blocks.") and k.endswith(".gammas")}
-        return cls(in_channels=first.shape[1] // scale ** 2, out_channels=out.shape[0] // scale ** 2,
-                   up_down_scale_factor=scale, levels=levels, bottleneck_blocks=len(mixers) - (levels - 1),
-                   embed_dim=top, latent_channels=latent, num_vq_embeddings=sd["vquantizer.embedding.weight"].shape[0])
 
 
 class MixingResidualBlock(nn.Module):
@@ -161,8 +149,10 @@ def resolve_vqgan(path: Path):
     except ValueError:
         raise wrong_family(weights, "a Würstchen Stage A (Paella VQGAN)", sd, "Use it with the matching loader; "
                            + VQGAN_HINT) from None
+    # scale_factor (0.3764 here, 0.43 in Stable Cascade's ComfyUI Stage A) is not in the weights.
+    cfg = require_config(cfg, path, weights, "vqgan", "the latent scale_factor", CONFIG_SOURCE)
     try:
-        params = PaellaVQParams.from_diffusers_config(cfg) if cfg else PaellaVQParams.infer(sd)
+        params = PaellaVQParams.from_diffusers_config(cfg)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{weights}: unsupported Stage A config: {e}") from None
     return params, sd, weights

@@ -1,8 +1,8 @@
 """Blocks shared by Würstchen v2 Stage C (prior) and Stage B (decoder), plus checkpoint plumbing for the family.
 
 Provenance: written from the architecture in diffusers' ``pipelines/deprecated/wuerstchen/
-modeling_wuerstchen_common.py`` / ``modeling_wuerstchen_diffnext.py`` (read, not copied) and
-/work/shared/research/wuerstchen.md (sections A, B). Parameter names follow the diffusers layout so that the
+modeling_wuerstchen_common.py`` / ``modeling_wuerstchen_diffnext.py`` (read, not copied) and the published
+configs of huggingface.co/warp-ai/wuerstchen-prior and warp-ai/wuerstchen. Parameter names follow the diffusers layout so that the
 published ``diffusion_pytorch_model.safetensors`` files load without renaming.
 
 All norms in these models are non-affine, so they carry no parameters and are plain functions here.
@@ -228,3 +228,22 @@ def describe_checkpoint(sd: dict) -> str:
 
 def wrong_family(weights: Path, wanted: str, sd: dict, hint: str) -> CheckpointError:
     return CheckpointError(f"{weights}: this is {describe_checkpoint(sd)}, not {wanted}. {hint}")
+
+
+def require_config(cfg, path: Path, weights: Path, sub: str, missing_what: str, source: str) -> dict:
+    """The component's config.json, or ``<stem>.json`` beside a single file; else a CheckpointError that names
+    the file to put where. ``missing_what`` says which values the weights do not pin down (so nothing is
+    guessed); ``source`` is the published file to copy (e.g. "warp-ai/wuerstchen decoder/config.json")."""
+    if cfg is not None:
+        return cfg
+    from .loading import read_json
+    if Path(path).is_dir() or weights.parent.name == sub:
+        # A snapshot folder that lost its config.json: the fix is to fetch that one file again.
+        raise CheckpointError(f"{weights.parent / 'config.json'} is missing: {missing_what} are not stored in "
+                              f"{weights.name}, so it cannot be loaded without it. Download {source} into "
+                              f"{weights.parent}/ again.")
+    side = weights.parent / f"{weights.name.split('.')[0]}.json"
+    if side.is_file():
+        return read_json(side)
+    raise CheckpointError(f"{weights}: no config beside it: {missing_what} are not stored in the weights. Copy "
+                          f"{source} next to the file as {side} (or load the snapshot folder with its loader).")

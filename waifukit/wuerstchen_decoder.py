@@ -1,7 +1,7 @@
 """Würstchen v2 Stage B: the decoder diffusion model (diffusers ``WuerstchenDiffNeXt``), pure torch.
 
 Provenance: architecture from diffusers ``pipelines/deprecated/wuerstchen/modeling_wuerstchen_diffnext.py`` and
-/work/shared/research/wuerstchen.md section B (read, not copied).
+huggingface.co/warp-ai/wuerstchen ``decoder/config.json`` (read, not copied).
 
 A 4-level UNet on 4-channel VQGAN latents (H/4 x W/4), patch 2. Every ResBlock at levels that inject the Stage C
 embeddings ("effnet") concatenates them, bicubically resized to the level's size and mapped to ``c_cond``
@@ -19,13 +19,18 @@ import torch.nn.functional as F
 from .loading import CheckpointError, load_component
 from .ops import TorchOps
 from .wuerstchen_common import (AttnBlock, LayerNorm2d, ResBlockStageB, TimestepBlock, conv_transpose,
-                                describe_checkpoint, r_embedding, split_in_proj, strip_prefix,
+                                describe_checkpoint, r_embedding, require_config, split_in_proj, strip_prefix,
                                 wrong_family)
 
 DECODER_HINT = ("Stage B is the decoder/ folder of warp-ai/wuerstchen (huggingface-cli download warp-ai/wuerstchen "
                 "--local-dir ComfyUI/models/diffusers/wuerstchen).")
 
 
+CONFIG_SOURCE = "warp-ai/wuerstchen decoder/config.json"
+
+
+# The defaults are the published decoder/config.json values, which are also diffusers' WuerstchenDiffNeXt
+# defaults (checked in tests/test_wuerstchen_models.py), so a field a config leaves out is read as diffusers does.
 @dataclass
 class DiffNeXtParams:
     c_in: int = 4
@@ -72,41 +77,6 @@ class DiffNeXtParams:
         if pipeline and "latent_dim_scale" in pipeline:
             fields["latent_dim_scale"] = float(pipeline["latent_dim_scale"])
         return cls(**fields)
-
-    @classmethod
-    def infer(cls, sd: dict) -> "DiffNeXtParams":
-        """Config from tensor shapes. Level layouts are read from the keys; heads assume head dim 64 as
-        published (640/10, 1280/20); level_config follows from which block kinds each level holds."""
-        levels = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("down_blocks."))
-        c_hidden, blocks, level_config, nhead, inject = [], [], [], [], []
-        for i in range(levels):
-            prefix = f"down_blocks.{i}."
-            idx = sorted({int(k.split(".")[2]) for k in sd if k.startswith(prefix)})
-            start = 1 if i > 0 else 0
-            kinds = []
-            for j in idx[start:]:
-                p = f"{prefix}{j}."
-                kinds.append("A" if p + "attention.to_q.weight" in sd else "T" if p + "mapper.weight" in sd else "C")
-            period = kinds.index("C", 1) if kinds.count("C") > 1 else len(kinds)
-            level_config.append("".join(kinds[:period]))
-            blocks.append(len(kinds) // period)
-            c = sd[f"{prefix}{idx[start]}.depthwise.weight"].shape[0]
-            c_hidden.append(c)
-            nhead.append(c // 64 if "A" in level_config[-1] else -1)
-            inject.append(f"effnet_mappers.{i}.weight" in sd)
-        c_cond, clip_embd = sd["clip_mapper.weight"].shape
-        emb = sd["embedding.1.weight"]
-        clf = sd["clf.1.weight"]
-        c_r = sd[f"down_blocks.0.{level_config[0].index('T')}.mapper.weight"].shape[1]
-        effnet = next(v for k, v in sd.items() if k.startswith("effnet_mappers.") and k.endswith(".weight"))
-        # The weights only fix c_in * patch^2: prefer the 4-channel VQGAN latent (as published), else patch 2.
-        fits = [p for p in (2, 1, 4) if emb.shape[1] % (p * p) == 0 and clf.shape[0] % (2 * p * p) == 0]
-        patch = next((p for p in fits if emb.shape[1] // (p * p) == 4), fits[0] if fits else 2)
-        c_in = emb.shape[1] // (patch * patch)
-        return cls(c_in=c_in, c_out=clf.shape[0] // (2 * patch * patch), c_r=c_r, patch_size=patch, c_cond=c_cond,
-                   c_hidden=c_hidden, nhead=nhead, blocks=blocks, level_config=level_config, inject_effnet=inject,
-                   effnet_embd=effnet.shape[1], clip_embd=clip_embd,
-                   kernel_size=sd["down_blocks.0.0.depthwise.weight"].shape[-1])
 
 
 class WuerstchenDiffNeXt(nn.Module):
@@ -239,13 +209,20 @@ def resolve_decoder(path: Path):
     except ValueError:
         raise wrong_family(weights, "a Würstchen v2 Stage B decoder", sd, "Use it with the matching loader; "
                            + DECODER_HINT) from None
+    # Pipeline constants: a snapshot's model_index.json; a single file takes diffusers' pipeline defaults,
+    # which are the published values.
     pipeline = None
     root = weights.parent.parent if weights.parent.name == "decoder" else None
-    if root is not None and (root / "model_index.json").is_file():
+    if root is not None:
+        if not (root / "model_index.json").is_file():
+            raise CheckpointError(f"{root / 'model_index.json'} is missing: it holds the pipeline constants of this "
+                                  f"snapshot. Download {CONFIG_SOURCE.split()[0]} model_index.json into {root}/ again.")
         from .loading import read_json
         pipeline = read_json(root / "model_index.json")
+    cfg = require_config(cfg, path, weights, "decoder", "the attention head counts (nhead) and the block pattern",
+                         CONFIG_SOURCE)
     try:
-        params = DiffNeXtParams.from_diffusers_config(cfg, pipeline) if cfg else DiffNeXtParams.infer(sd)
-    except (ValueError, KeyError, StopIteration) as e:
+        params = DiffNeXtParams.from_diffusers_config(cfg, pipeline)
+    except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{weights}: unsupported Stage B config: {e}") from None
     return params, sd, weights

@@ -1,7 +1,7 @@
 """Würstchen v2 Stage C: the text-conditional prior (diffusers ``WuerstchenPrior``), pure torch.
 
 Provenance: architecture from diffusers ``pipelines/deprecated/wuerstchen/modeling_wuerstchen_prior.py`` and
-the research note /work/shared/research/wuerstchen.md section A (read, not copied).
+huggingface.co/warp-ai/wuerstchen-prior ``prior/config.json`` (read, not copied).
 
 A flat stack of ``depth`` x (ResBlock, TimestepBlock, AttnBlock) at width ``c`` on a 16-channel latent
 (ceil(H/42.67) x ceil(W/42.67)), conditioned on CLIP-bigG ``last_hidden_state`` [B,77,1280] and the noise ratio
@@ -18,10 +18,17 @@ import torch.nn as nn
 from .loading import CheckpointError, load_component
 from .ops import TorchOps
 from .wuerstchen_common import (AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, describe_checkpoint,
-                                r_embedding, split_in_proj, strip_prefix, wrong_family)
+                                r_embedding, require_config, split_in_proj, strip_prefix, wrong_family)
 
 PRIOR_HINT = ("Stage C is the prior/ folder of warp-ai/wuerstchen-prior (huggingface-cli download "
               "warp-ai/wuerstchen-prior --local-dir ComfyUI/models/diffusers/wuerstchen-prior).")
+
+
+# diffusers ``WuerstchenPrior.__init__`` defaults (pipelines/deprecated/wuerstchen/modeling_wuerstchen_prior.py);
+# tests/test_wuerstchen_models.py checks them against the installed diffusers.
+DIFFUSERS_DEFAULTS = dict(c_in=16, c=1280, c_cond=1024, c_r=64, depth=16, nhead=16)
+# The published prior/config.json (warp-ai/wuerstchen-prior), which the snapshot needs.
+CONFIG_SOURCE = "warp-ai/wuerstchen-prior prior/config.json"
 
 
 @dataclass
@@ -50,21 +57,13 @@ class WuerstchenPriorParams:
     def from_diffusers_config(cls, cfg: dict, pipeline: dict | None = None) -> "WuerstchenPriorParams":
         if cfg.get("_class_name", "WuerstchenPrior") != "WuerstchenPrior":
             raise ValueError(f"config.json describes a {cfg.get('_class_name')}, not a WuerstchenPrior")
-        fields = {k: cfg[k] for k in ("c_in", "c", "c_cond", "c_r", "depth", "nhead") if k in cfg}
+        # A field the file leaves out takes diffusers' default, as WuerstchenPrior.from_config would (those
+        # are not the published sizes, so our dataclass defaults must not fill in).
+        fields = {k: cfg.get(k, DIFFUSERS_DEFAULTS[k]) for k in DIFFUSERS_DEFAULTS}
         for k in ("latent_mean", "latent_std", "resolution_multiple"):
             if pipeline and k in pipeline:
                 fields[k] = float(pipeline[k])
         return cls(**fields)
-
-    @classmethod
-    def infer(cls, sd: dict) -> "WuerstchenPriorParams":
-        """Config from tensor shapes (single files without config.json). Heads are not stored in the
-        weights: head dim 64 as published (1536 / 24)."""
-        c, c_in = sd["projection.weight"].shape[:2]
-        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")}) // 3
-        return cls(c_in=c_in, c=c, c_cond=sd["cond_mapper.0.weight"].shape[1],
-                   c_r=sd["blocks.1.mapper.weight"].shape[1], depth=depth, nhead=max(1, c // 64))
-
 
 class WuerstchenPrior(nn.Module):
     def __init__(self, params: WuerstchenPriorParams, operations=TorchOps, dtype=None, device=None):
@@ -120,13 +119,19 @@ def resolve_prior(path: Path):
     except ValueError:
         raise wrong_family(weights, "a Würstchen v2 Stage C prior", sd, "Use it with the matching loader; "
                            + PRIOR_HINT) from None
+    # Pipeline constants: a snapshot's model_index.json; a single file takes diffusers' pipeline defaults,
+    # which are the published values.
     pipeline = None
     root = weights.parent.parent if weights.parent.name == "prior" else None
-    if root is not None and (root / "model_index.json").is_file():
+    if root is not None:
+        if not (root / "model_index.json").is_file():
+            raise CheckpointError(f"{root / 'model_index.json'} is missing: it holds the pipeline constants of this "
+                                  f"snapshot. Download {CONFIG_SOURCE.split()[0]} model_index.json into {root}/ again.")
         from .loading import read_json
         pipeline = read_json(root / "model_index.json")
+    cfg = require_config(cfg, path, weights, "prior", "the attention head count (nhead)", CONFIG_SOURCE)
     try:
-        params = WuerstchenPriorParams.from_diffusers_config(cfg, pipeline) if cfg else WuerstchenPriorParams.infer(sd)
-    except (ValueError, KeyError) as e:
+        params = WuerstchenPriorParams.from_diffusers_config(cfg, pipeline)
+    except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{weights}: unsupported Stage C config: {e}") from None
     return params, sd, weights

@@ -34,6 +34,24 @@ class WuerstchenScheduleParams:
         return cls(s=float(cfg.get("s", 0.008)), scaler=float(cfg.get("scaler", 1.0)))
 
 
+def resolve_schedule(root) -> WuerstchenScheduleParams:
+    """A snapshot's scheduler/scheduler_config.json (refused when missing: its values are not in the weights);
+    ``root`` None (a single file) takes DDPMWuerstchenScheduler's defaults, which are the published values."""
+    from pathlib import Path
+
+    from .loading import CheckpointError, read_json
+    if root is None:
+        return WuerstchenScheduleParams()
+    cfg = Path(root) / "scheduler" / "scheduler_config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"{cfg} is missing: it holds this snapshot's noise schedule. Download the "
+                              f"repository's scheduler/scheduler_config.json into {cfg.parent}/ again.")
+    try:
+        return WuerstchenScheduleParams.from_scheduler_config(read_json(cfg))
+    except ValueError as e:
+        raise CheckpointError(f"{cfg}: {e}") from None
+
+
 def timesteps(steps: int, schedule: str = "linear") -> torch.Tensor:
     """steps+1 ratios from 1 to 0 (float32, as diffusers holds them).
 

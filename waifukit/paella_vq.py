@@ -18,10 +18,10 @@ import torch.nn.functional as F
 
 from .loading import CheckpointError, load_component
 from .ops import TorchOps, cast_like
+from .registry import fetch_hint
 from .wuerstchen_common import conv_transpose, describe_checkpoint, require_config, strip_prefix, wrong_family
 
-VQGAN_HINT = ("Stage A is the vqgan/ folder of warp-ai/wuerstchen (huggingface-cli download warp-ai/wuerstchen "
-              "--local-dir ComfyUI/models/diffusers/wuerstchen).")
+VQGAN_HINT = "Stage A is the vqgan/ folder of warp-ai/wuerstchen. " + fetch_hint("wuerstchen")
 
 
 CONFIG_SOURCE = "warp-ai/wuerstchen vqgan/config.json"

@@ -18,12 +18,12 @@ import torch.nn.functional as F
 
 from .loading import CheckpointError, load_component
 from .ops import TorchOps
+from .registry import fetch_hint
 from .wuerstchen_common import (AttnBlock, LayerNorm2d, ResBlockStageB, TimestepBlock, conv_transpose,
                                 describe_checkpoint, r_embedding, require_config, split_in_proj, strip_prefix,
                                 wrong_family)
 
-DECODER_HINT = ("Stage B is the decoder/ folder of warp-ai/wuerstchen (huggingface-cli download warp-ai/wuerstchen "
-                "--local-dir ComfyUI/models/diffusers/wuerstchen).")
+DECODER_HINT = "Stage B is the decoder/ folder of warp-ai/wuerstchen. " + fetch_hint("wuerstchen")
 
 
 CONFIG_SOURCE = "warp-ai/wuerstchen decoder/config.json"

@@ -17,11 +17,11 @@ import torch.nn as nn
 
 from .loading import CheckpointError, load_component
 from .ops import TorchOps
+from .registry import fetch_hint
 from .wuerstchen_common import (AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, describe_checkpoint,
                                 r_embedding, require_config, split_in_proj, strip_prefix, wrong_family)
 
-PRIOR_HINT = ("Stage C is the prior/ folder of warp-ai/wuerstchen-prior (huggingface-cli download "
-              "warp-ai/wuerstchen-prior --local-dir ComfyUI/models/diffusers/wuerstchen-prior).")
+PRIOR_HINT = "Stage C is the prior/ folder of warp-ai/wuerstchen-prior. " + fetch_hint("wuerstchen-prior")
 
 
 # diffusers ``WuerstchenPrior.__init__`` defaults (pipelines/deprecated/wuerstchen/modeling_wuerstchen_prior.py);

@@ -23,7 +23,6 @@ from .wuerstchen_common import conv_transpose, describe_checkpoint, require_conf
 
 VQGAN_HINT = "Stage A is the vqgan/ folder of warp-ai/wuerstchen. " + fetch_hint("wuerstchen")
 
-
 CONFIG_SOURCE = "warp-ai/wuerstchen vqgan/config.json"
 
 

@@ -2,8 +2,8 @@
 
 Provenance: written from the architecture in diffusers' ``pipelines/deprecated/wuerstchen/
 modeling_wuerstchen_common.py`` / ``modeling_wuerstchen_diffnext.py`` (read, not copied) and the published
-configs of huggingface.co/warp-ai/wuerstchen-prior and warp-ai/wuerstchen. Parameter names follow the diffusers layout so that the
-published ``diffusion_pytorch_model.safetensors`` files load without renaming.
+configs of huggingface.co/warp-ai/wuerstchen-prior and warp-ai/wuerstchen. Parameter names follow the diffusers
+layout so that the published ``diffusion_pytorch_model.safetensors`` files load without renaming.
 
 All norms in these models are non-affine, so they carry no parameters and are plain functions here.
 """

@@ -25,7 +25,6 @@ from .wuerstchen_common import (AttnBlock, LayerNorm2d, ResBlockStageB, Timestep
 
 DECODER_HINT = "Stage B is the decoder/ folder of warp-ai/wuerstchen. " + fetch_hint("wuerstchen")
 
-
 CONFIG_SOURCE = "warp-ai/wuerstchen decoder/config.json"
 
 

@@ -21,6 +21,11 @@ CONFIGS = [
          variance_type="fixed_large"),
     dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="epsilon",
          timestep_spacing="leading", variance_type="fixed_small_log", clip_sample=False),
+    # dynamic thresholding (replaces clip_sample), with a ratio that bites on these magnitudes
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
+         timestep_spacing="trailing", thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5),
+    # clip_sample with a range, DDPMScheduler's defaults otherwise (clip_sample is on by default there)
+    dict(beta_schedule="linear", clip_sample=True, clip_sample_range=0.5, steps_offset=1),
 ]
 
 
@@ -77,9 +82,28 @@ def test_single_steps_exact():
         assert torch.equal(mine, theirs), t
 
 
+def test_thresholding_and_clip_move_the_result():
+    """Control: the x0 limits of CONFIGS[4] / [5] change the sampled latents well past the 1e-6 bound."""
+    for cfg, off in ((CONFIGS[4], dict(thresholding=False, clip_sample=False)), (CONFIGS[5], dict(clip_sample=False))):
+        on = DiscreteSchedule(DDPMParams.from_scheduler_config(cfg))
+        plain = DiscreteSchedule(DDPMParams.from_scheduler_config(dict(cfg, **off)))
+        a, b = (sample(_fake_model, s, (2, 4, 6, 5), 7, torch.Generator("cpu").manual_seed(3), "ddpm")
+                for s in (on, plain))
+        assert (a - b).abs().max().item() > 1e-2
+
+
+def test_limit_x0_equals_diffusers_threshold_sample():
+    ref = diffusers.DDPMScheduler(**CONFIGS[4])
+    ours = DiscreteSchedule(DDPMParams.from_scheduler_config(dict(ref.config)))
+    x0 = torch.randn(3, 4, 6, 5, generator=torch.Generator().manual_seed(0)) * 2
+    assert torch.equal(ours.limit_x0(x0), ref._threshold_sample(x0))
+    assert not torch.equal(ours.limit_x0(x0), x0.clamp(-1, 1))  # control: not plain clipping here
+
+
 @pytest.mark.parametrize("bad,needle", [
-    (dict(thresholding=True), "thresholding"),
     (dict(variance_type="learned_range"), "variance_type"),
+    (dict(variance_type="fixed_large_log"), "fixed_large_log"),
+    (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr"),
     (dict(beta_schedule="sigmoid"), "beta_schedule"),
     (dict(_class_name="FlowMatchEulerDiscreteScheduler"), "FlowMatchEulerDiscreteScheduler"),
 ])
@@ -103,3 +127,13 @@ def test_leading_spacing_past_the_table_is_a_clear_error():
     assert sched.timesteps(999)[0] == 999
     with pytest.raises(ValueError, match="at most 999 steps"):
         sched.timesteps(1000)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS + [dict(trained_betas=[0.0001 + 0.0005 * i for i in range(40)],
+                                                num_train_timesteps=40)])
+def test_noise_schedule_bit_equal_to_diffusers(cfg):
+    """The betas and alphas_cumprod the model sampling is built from (nodes/sdxs_host.py) are diffusers' to the
+    bit (zero-SNR included: the rescale follows diffusers' operation order)."""
+    ref = diffusers.DDPMScheduler(**cfg)
+    ours = DiscreteSchedule(DDPMParams.from_scheduler_config(dict(ref.config)))
+    assert torch.equal(ours.betas, ref.betas) and torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)

@@ -32,6 +32,9 @@ class DDPMParams:
     steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
     set_alpha_to_one: bool = True  # DDIM only (DDPM's final step always uses alpha_prod 1)
+    thresholding: bool = False  # dynamic thresholding of the x0 estimate (replaces clip_sample when on)
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
 
     SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
     VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
@@ -50,6 +53,17 @@ class DDPMParams:
             raise ValueError(f"prediction_type {self.prediction_type!r} is not supported (supported: {self.PREDICTIONS})")
         if self.timestep_spacing not in self.SPACINGS:
             raise ValueError(f"timestep_spacing {self.timestep_spacing!r} is not supported (supported: {self.SPACINGS})")
+        if self.variance_type == "fixed_large_log":
+            # diffusers' DDPM step takes (log beta) ** 0.5 there: NaN for every beta < 1.
+            raise ValueError("variance_type 'fixed_large_log' gives NaN in diffusers' DDPM step; use another "
+                             f"variance_type (supported: {tuple(v for v in self.VARIANCES if v != 'fixed_large_log')})")
+        if self.rescale_betas_zero_snr and self.prediction_type == "epsilon":
+            # The zero-SNR last timestep has alpha_bar 0: x0 = (x - eps) / 0 is undefined (diffusers: inf/NaN).
+            raise ValueError("rescale_betas_zero_snr with prediction_type 'epsilon' has no x0 at the last "
+                             "timestep (diffusers divides by zero there); zero-SNR models use v_prediction")
+        if self.thresholding and not (0.0 < self.dynamic_thresholding_ratio <= 1.0 and self.sample_max_value >= 1.0):
+            raise ValueError(f"thresholding needs 0 < dynamic_thresholding_ratio <= 1 and sample_max_value >= 1, got "
+                             f"{self.dynamic_thresholding_ratio} and {self.sample_max_value}")
 
     @classmethod
     def from_scheduler_config(cls, cfg: dict) -> "DDPMParams":
@@ -60,8 +74,6 @@ class DDPMParams:
         if name not in known:
             raise ValueError(f"scheduler_config.json names {name!r}; expected a beta-schedule scheduler "
                              "(DDPMScheduler) for a UNet")
-        if cfg.get("thresholding"):
-            raise ValueError("scheduler_config.json enables dynamic thresholding, which is not implemented")
         d = cls()
         return cls(
             num_train_timesteps=int(cfg.get("num_train_timesteps", d.num_train_timesteps)),
@@ -77,6 +89,9 @@ class DDPMParams:
             steps_offset=int(cfg.get("steps_offset", d.steps_offset) or 0),
             rescale_betas_zero_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
             set_alpha_to_one=bool(cfg.get("set_alpha_to_one", True)),
+            thresholding=bool(cfg.get("thresholding", False)),
+            dynamic_thresholding_ratio=float(cfg.get("dynamic_thresholding_ratio", d.dynamic_thresholding_ratio)),
+            sample_max_value=float(cfg.get("sample_max_value", d.sample_max_value)),
         )
 
 
@@ -90,7 +105,7 @@ def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     # Lin et al. 2023, Algorithm 1: shift/scale sqrt(alpha_bar) so the last step has zero SNR.
     ab_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = ab_sqrt[0].clone(), ab_sqrt[-1].clone()
-    ab_sqrt = (ab_sqrt - last) * first / (first - last)
+    ab_sqrt = (ab_sqrt - last) * (first / (first - last))  # diffusers' operation order, for equal floats
     ab = ab_sqrt ** 2
     ab = torch.cat([ab[0:1], ab[1:] / ab[:-1]])
     return 1 - ab
@@ -150,11 +165,24 @@ class DiscreteSchedule:
             x0 = model_output
         return x0
 
-    def _clip(self, x0):
-        if self.params.clip_sample:
-            r = self.params.clip_sample_range
+    def limit_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """What diffusers' DDPM/DDIM steps do to the x0 estimate: dynamic thresholding (per sample, the
+        ``dynamic_thresholding_ratio`` quantile of |x0| clamped to [1, sample_max_value], then clamp and divide),
+        else ``clip_sample`` to +-``clip_sample_range``, else nothing. Also applied to the stock samplers'
+        post-CFG denoised (nodes/sdxs_host.py), which is the same model-space x0."""
+        p = self.params
+        if p.thresholding:
+            dtype, shape = x0.dtype, x0.shape
+            flat = x0.float().reshape(shape[0], -1)
+            s = torch.quantile(flat.abs(), p.dynamic_thresholding_ratio, dim=1)
+            s = torch.clamp(s, min=1, max=p.sample_max_value).unsqueeze(1)
+            return (torch.clamp(flat, -s, s) / s).reshape(shape).to(dtype)
+        if p.clip_sample:
+            r = p.clip_sample_range
             x0 = x0.clamp(-r, r)
         return x0
+
+    _clip = limit_x0
 
     # ------------------------------------------------------------------ steps
     def ddpm_step(self, model_output: torch.Tensor, t: int, prev_t: int, sample: torch.Tensor,
@@ -180,9 +208,8 @@ class DiscreteSchedule:
                 mean = mean + torch.exp(0.5 * torch.log(var)) * noise
             elif kind == "fixed_large":
                 mean = mean + cur_beta ** 0.5 * noise
-            else:  # fixed_large_log: diffusers takes (log beta) ** 0.5, which is NaN for beta < 1: refuse.
-                raise ValueError("variance_type 'fixed_large_log' gives NaN in the reference DDPM step; "
-                                 "use another variance_type")
+            else:  # fixed_large_log is refused in DDPMParams (NaN in diffusers)
+                raise ValueError(f"variance_type {kind!r} is not supported")
         return mean, x0
 
     def ddim_step(self, model_output: torch.Tensor, t: int, sample: torch.Tensor, steps: int,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..waifukit.mexma import PROMPT_FORMATS
 from . import mexma_host
 from .common import CATEGORY, DTYPE_INPUT, TEXT_DEVICE_INPUT, model_file
 from .core_api import folder_paths
@@ -54,6 +55,11 @@ class MexmaSigLIPLoader:
         return (mexma_host.load_text_encoder(_text_encoder_path(text_encoder_name), dtype, device=device),)
 
 
+# Widget label -> waifukit.mexma.PROMPT_FORMATS key (labels are what saved workflows store: never rename).
+PROMPT_FORMAT_CHOICES = dict(zip(("auto (each part for its model)", "lowercase + strip (Waifu)", "as typed (SDXS)"),
+                                 PROMPT_FORMATS))
+PROMPT_FORMAT_AUTO = next(iter(PROMPT_FORMAT_CHOICES))
+
 IMAGE_WEIGHT_INPUT = ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.05,
                                 "tooltip": "0 = text only, 1 = image only. The image embedding is rescaled to the "
                                            "text embedding's length before mixing."})
@@ -62,8 +68,9 @@ IMAGE_WEIGHT_INPUT = ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 
 class MexmaSigLIPEncode:
     DESCRIPTION = ("Encodes a prompt (any of XLM-R's ~100 languages) with MEXMA-SigLIP. One output serves both "
                    "models: the per-token states (Waifu) and, when the projector is loaded, the pooled 1152-d "
-                   "embedding (SDXS); each sampler takes its part. The prompt is lower-cased and stripped, as the "
-                   "reference pipelines do; empty is valid.")
+                   "embedding (SDXS); each sampler takes its part. With prompt_format auto each part is prepared as its "
+                   "model's published pipeline does: lower-cased and stripped for Waifu's per-token states, as typed "
+                   "for SDXS's pooled vector; empty is valid.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -75,6 +82,11 @@ class MexmaSigLIPEncode:
             "image": ("IMAGE", {"tooltip": "Optional image prompt (SDXS): its SigLIP embedding is mixed into the "
                                            "pooled embedding. Needs the full visheratin/mexma-siglip."}),
             "image_weight": IMAGE_WEIGHT_INPUT,
+            "prompt_format": (list(PROMPT_FORMAT_CHOICES), {"default": PROMPT_FORMAT_AUTO, "tooltip": (
+                "How the prompt reaches the tokenizer (XLM-R is case-sensitive). auto: as each model's published "
+                "pipeline does it: the per-token states Waifu reads from the prompt lower-cased and stripped "
+                "(pipeline_waifu.py), the pooled vector SDXS reads from the prompt as typed (AiArtLab/sdxs card). "
+                "The other two apply one format to both parts.")}),
         }}
 
     RETURN_TYPES = ("CONDITIONING",)
@@ -83,8 +95,10 @@ class MexmaSigLIPEncode:
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 
-    def encode(self, text_encoder, text, image=None, image_weight=0.5):
-        hidden, mask, pooled = text_encoder.encode_full([text.lower().strip()])
+    def encode(self, text_encoder, text, image=None, image_weight=0.5, prompt_format=PROMPT_FORMAT_AUTO):
+        if prompt_format not in PROMPT_FORMAT_CHOICES:
+            raise ValueError(f"prompt_format must be one of {list(PROMPT_FORMAT_CHOICES)}, got {prompt_format!r}")
+        hidden, mask, pooled = text_encoder.encode_prompt(text, PROMPT_FORMAT_CHOICES[prompt_format])
         extras = {"attention_mask": mask}
         if pooled is not None:
             extras["pooled_output"] = pooled

@@ -14,7 +14,7 @@ import torch
 
 
 from ..waifukit.mexma import (MISSING_PROJECTOR, MISSING_VISION, MexmaSigLIPText, SiglipVisionTower,
-                              preprocess_images, resolve_mexma)
+                              preprocess_images, prompt_texts, resolve_mexma)
 from ..waifukit import loading
 from .common import pick_dtype
 from .core_api import ModelPatcher, mm
@@ -47,6 +47,15 @@ class MexmaTextEncoder:
             hidden, pooled = self.module(ids.to(device), mask.to(device))
         out = mm.intermediate_device()
         return hidden.float().to(out), mask.to(out), None if pooled is None else pooled.float().to(out)
+
+    def encode_prompt(self, text: str, prompt_format: str = "auto", max_length: int = 512):
+        """One prompt, each part prepared for the model that reads it (waifukit.mexma.prompt_texts):
+        (hidden [1,L,H], mask [1,L], pooled [1,D] or None)."""
+        per_token, pooled_text = prompt_texts(text, prompt_format)
+        hidden, mask, pooled = self.encode_full([per_token], max_length)
+        if pooled is not None and pooled_text != per_token:
+            pooled = self.encode_full([pooled_text], max_length)[2]
+        return hidden, mask, pooled
 
     def encode(self, texts: list[str], max_length: int = 512):
         hidden, mask, _ = self.encode_full(texts, max_length)

@@ -118,6 +118,33 @@ def projector_from(sd: dict, where: str) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- prompt preparation
+
+# How each published pipeline hands the prompt to the tokenizer. XLM-R is case-sensitive and its Metaspace
+# pre-tokenizer keeps a leading space, so these give other tokens, other conditioning and another image.
+#  - Waifu (AiArtLab/waifu-2b pipeline_waifu.py, WaifuPipeline) lower-cases and strips;
+#  - SDXS (the AiArtLab/sdxs model card's code) and visheratin/mexma-siglip's own usage pass it as typed.
+# "auto" prepares each part of the conditioning for the model that reads it: the per-token states (only
+# Waifu reads them) from the lower-cased, stripped prompt; the pooled, projected vector (only SDXS reads it)
+# from the prompt as typed. So one encoder node is right for either model whichever loader gave the encoder.
+PROMPT_FORMATS = ("auto", "lowercase+strip", "as typed")
+
+
+def waifu_prompt(text: str) -> str:
+    return text.lower().strip()
+
+
+def prompt_texts(text: str, prompt_format: str = "auto") -> tuple[str, str]:
+    """(text for the per-token states, text for the pooled vector) under ``prompt_format``."""
+    if prompt_format == "auto":
+        return waifu_prompt(text), text
+    if prompt_format == "lowercase+strip":
+        return waifu_prompt(text), waifu_prompt(text)
+    if prompt_format == "as typed":
+        return text, text
+    raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+
+
 # ----------------------------------------------------------------------------- modules
 
 

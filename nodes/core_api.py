@@ -21,6 +21,7 @@ import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.model_sampling
 import comfy.ops
 import comfy.supported_models_base
 import comfy.utils
@@ -65,6 +66,13 @@ SURFACE = (
     Use("comfy.model_management.throw_exception_if_processing_interrupted"),
     # objects core drives
     Use("comfy.model_patcher.ModelPatcher", 1, ("load_device", "offload_device")),
+    Use("comfy.model_patcher.ModelPatcher.set_model_sampler_post_cfg_function", 2),
+    # SDXS's model sampling: core's discrete sampling and prediction classes, on the exact diffusers sigmas
+    Use("comfy.model_sampling.ModelSamplingDiscrete", 0),
+    Use("comfy.model_sampling.ModelSamplingDiscrete.set_sigmas", 2),
+    Use("comfy.model_sampling.EPS", call=False),
+    Use("comfy.model_sampling.V_PREDICTION", call=False),
+    Use("comfy.model_sampling.X0", call=False),
     Use("comfy.model_base.BaseModel", 2, ("device", "unet_model")),
     Use("comfy.model_base.BaseModel.extra_conds", 1, ()),  # we override it and call it with **kwargs
     Use("comfy.model_base.ModelType.FLOW", call=False),
@@ -132,6 +140,10 @@ def host_version() -> str:
 ModelPatcher = comfy.model_patcher.ModelPatcher
 BaseModel = comfy.model_base.BaseModel
 ModelType = comfy.model_base.ModelType
+ModelSamplingDiscrete = comfy.model_sampling.ModelSamplingDiscrete
+EPS = comfy.model_sampling.EPS
+V_PREDICTION = comfy.model_sampling.V_PREDICTION
+X0 = comfy.model_sampling.X0
 BASE = comfy.supported_models_base.BASE
 CONDRegular = comfy.conds.CONDRegular
 LatentFormat = comfy.latent_formats.LatentFormat
@@ -141,5 +153,5 @@ cli_args = comfy.cli_args.args
 LatentPreviewMethod = comfy.cli_args.LatentPreviewMethod
 
 __all__ = ["SURFACE", "check_surface", "host_version", "mm", "folder_paths", "latent_preview", "ModelPatcher",
-           "BaseModel", "ModelType", "BASE", "CONDRegular", "LatentFormat", "disable_weight_init", "ProgressBar",
+           "BaseModel", "ModelType", "ModelSamplingDiscrete", "EPS", "V_PREDICTION", "X0", "BASE", "CONDRegular", "LatentFormat", "disable_weight_init", "ProgressBar",
            "cli_args", "LatentPreviewMethod"]

@@ -1,6 +1,9 @@
-"""ComfyUI glue for the SDXS UNet: a ``BaseModel`` (EPS or V_PREDICTION as the scheduler
-config says, ComfyUI's discrete model sampling on the same betas) inside a ``ModelPatcher``, so memory
-management and stock samplers work. ``LATENT["samples"]`` holds raw VAE latents; the snapshot's
+"""ComfyUI glue for the SDXS UNet: a ``BaseModel`` inside a ``ModelPatcher``, so memory management and stock
+samplers work. Its model sampling is core's discrete sampling with the prediction class the scheduler config
+names (epsilon / v_prediction / sample) on sigmas computed from the exact diffusers betas (waifukit.ddpm),
+never from core's make_beta_schedule (which differs per schedule and host, and returns numpy for
+squaredcos_cap_v2); the config's clip_sample / thresholding is applied to the stock samplers' post-CFG x0 as
+diffusers' steps apply it. ``LATENT["samples"]`` holds raw VAE latents; the snapshot's
 scaling/shift factors live in the model's latent format. The conditioning SDXS reads is the pooled
 MEXMA-SigLIP vector (``pooled_output``), fed as a single cross-attention token.
 """
@@ -18,10 +21,41 @@ from ..waifukit.mexma import MISSING_PROJECTOR
 from ..waifukit.sdxs import SDXSUNet, resolve_unet
 from .common import param_count, pick_dtype
 from .vae16_host import Latent16
-from .core_api import BASE, BaseModel, ModelPatcher, ModelType, mm
+from .core_api import BASE, EPS, V_PREDICTION, X0, BaseModel, ModelPatcher, ModelSamplingDiscrete, ModelType, mm
 
-# diffusers beta_schedule -> ComfyUI make_beta_schedule name (ComfyUI's "linear" is diffusers' scaled_linear).
-_COMFY_BETAS = {"linear": "sqrt_linear", "scaled_linear": "linear", "squaredcos_cap_v2": "squaredcos_cap_v2"}
+# diffusers beta_schedule -> the nearest ComfyUI make_beta_schedule name, only for sampling_settings (what core's
+# own model-sampling patch nodes rebuild from); the model's sampling itself uses the exact betas. ComfyUI's
+# "linear" is diffusers' scaled_linear, its "cosine" the same alpha-bar cosine as squaredcos_cap_v2.
+_COMFY_BETAS = {"linear": "sqrt_linear", "scaled_linear": "linear", "squaredcos_cap_v2": "cosine"}
+_PREDICTION = {"epsilon": EPS, "v_prediction": V_PREDICTION, "sample": X0}
+# ComfyUI's stand-in for the zero-SNR last step's alpha_bar 0 (comfy/model_sampling.py
+# rescale_zero_terminal_snr_sigmas), so that sigma stays finite.
+_ZSNR_LAST_ALPHA_BAR = 4.8973451890853435e-08
+
+
+def model_sampling(schedule: DiscreteSchedule):
+    """Core's ModelSamplingDiscrete + the scheduler's prediction class, with sigmas = sqrt((1 - a) / a) of the
+    diffusers alphas_cumprod, so a stock sampler's timestep(sigma) lands on the training timesteps."""
+    prediction = _PREDICTION[schedule.params.prediction_type]
+
+    class SDXSModelSampling(ModelSamplingDiscrete, prediction):
+        pass
+
+    sampling = SDXSModelSampling()  # core's default schedule, replaced next
+    alphas_cumprod = schedule.alphas_cumprod.double().clone()
+    if schedule.params.rescale_betas_zero_snr:
+        alphas_cumprod[-1] = _ZSNR_LAST_ALPHA_BAR
+    sampling.set_sigmas(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
+    sampling.num_timesteps = schedule.params.num_train_timesteps
+    return sampling
+
+
+def _x0_limit(schedule: DiscreteSchedule):
+    """A post-CFG function for stock samplers: clip_sample / thresholding on the guided x0, as diffusers' steps
+    apply it to pred_original_sample after CFG."""
+    def limit(args):
+        return schedule.limit_x0(args["denoised"])
+    return limit
 
 
 class SDXSConfig(BASE):
@@ -35,22 +69,19 @@ class SDXSConfig(BASE):
         super().__init__({"params": params})
         self.latent_format = Latent16(scale, shift)
         self.sched = sched
-        if sched.trained_betas is not None:
-            raise ValueError("trained_betas are not supported by ComfyUI's model sampling")
-        self.sampling_settings = {"beta_schedule": _COMFY_BETAS[sched.beta_schedule], "linear_start": sched.beta_start,
-                                  "linear_end": sched.beta_end, "timesteps": sched.num_train_timesteps,
-                                  "zsnr": sched.rescale_betas_zero_snr}
+        self.sampling_settings = {"timesteps": sched.num_train_timesteps, "zsnr": sched.rescale_betas_zero_snr}
+        if sched.trained_betas is None:
+            self.sampling_settings.update(beta_schedule=_COMFY_BETAS[sched.beta_schedule],
+                                          linear_start=sched.beta_start, linear_end=sched.beta_end)
 
 
 class SDXSModel(BaseModel):
     def __init__(self, model_config: SDXSConfig, device=None):
-        kind = {"epsilon": ModelType.EPS,
-                "v_prediction": ModelType.V_PREDICTION}.get(model_config.sched.prediction_type)
-        if kind is None:
-            raise ValueError(f"prediction_type {model_config.sched.prediction_type!r} has no ComfyUI model type; "
-                             "only epsilon and v_prediction SDXS checkpoints are supported")
+        # "sample" has no ModelType of its own: EPS here, the X0 prediction class in model_sampling below.
+        kind = ModelType.V_PREDICTION if model_config.sched.prediction_type == "v_prediction" else ModelType.EPS
         super().__init__(model_config, kind, device=device, unet_model=SDXSUNet)
         self.schedule = DiscreteSchedule(model_config.sched)
+        self.model_sampling = model_sampling(self.schedule)
 
     def extra_conds(self, **kwargs):
         # The pooled MEXMA-SigLIP vector is SDXS's context (one token), whatever per-token states the
@@ -80,6 +111,19 @@ def load_unet(path: Path, dtype_choice: str = "auto", vae_config: dict | None = 
         vae_cfg_path = (weights.parent.parent / "vae" / "config.json" if weights.parent.name == "unet"
                         else weights.parent / f"{weights.name.split('.')[0]}.vae.json")
         vae_config = loading.read_json(vae_cfg_path) if vae_cfg_path and vae_cfg_path.is_file() else {}
+    else:
+        vae_cfg_path = "the VAE config"
+    stats = [k for k in ("latents_mean", "latents_std") if vae_config.get(k) is not None]
+    if stats:
+        # Per-channel statistics change the latent space the UNet was trained in. The SDXS card's code decodes
+        # latents / scaling_factor + shift_factor only, and diffusers' pipelines that read these fields never
+        # combine them with a shift_factor: no published rule says how to apply them here, and applying
+        # scaling_factor alone would be half of it. Refuse instead of guessing.
+        raise loading.CheckpointError(
+            f"{vae_cfg_path}: sets {' and '.join(stats)} (per-channel latent statistics), which the SDXS pipeline "
+            "does not define how to apply together with scaling_factor/shift_factor. Use the VAE config the UNet "
+            "was trained with (the snapshot's own vae/config.json), or remove these fields if the UNet was trained "
+            "on plain scaling_factor/shift_factor latents")
     scale = float(vae_config.get("scaling_factor") or 0.18215)
     shift = float(vae_config.get("shift_factor") or 0.0)
     try:
@@ -92,4 +136,7 @@ def load_unet(path: Path, dtype_choice: str = "auto", vae_config: dict | None = 
     model.sdxs_source = str(weights)
     logging.info("comfyui-waifu: SDXS UNet from %s (%s, %s, latent scale %s shift %s)", weights, dtype,
                  sched.prediction_type, scale, shift)
-    return ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher = ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    if sched.thresholding or sched.clip_sample:
+        patcher.set_model_sampler_post_cfg_function(_x0_limit(model.schedule))
+    return patcher

@@ -191,3 +191,23 @@ def test_full_size_architectures_have_the_published_parameter_counts():
     assert count(LinearDiT(LinearDiTParams(), device="meta")) == 1_601_523_856
     assert round(count(XLMRobertaTextModel(XLMRobertaParams(), device="meta")) / 1e6, 2) == 558.84
     assert round(count(AutoencoderKL(AutoencoderKLParams(), device="meta")) / 1e6, 2) == 81.72
+
+
+def test_text_encoder_folder_uses_its_own_tokenizer(snap, tmp_path):
+    """Issue 10 defect 7: models/text_encoders/<name>/ with its own tokenizer.json must not take the sibling
+    models/text_encoders/tokenizer/ (another model's); without its own, it is refused rather than borrowed."""
+    import shutil
+    te_root = tmp_path / "text_encoders"
+    own = te_root / "mexma-text"
+    own.mkdir(parents=True)
+    shutil.copy(snap / "text_encoder" / "model.fp16.safetensors", own / "model.safetensors")
+    shutil.copy(snap / "text_encoder" / "config.json", own / "config.json")
+    shutil.copy(snap / "tokenizer" / "tokenizer.json", own / "tokenizer.json")
+    shutil.copytree(snap / "tokenizer", te_root / "tokenizer")  # someone else's tokenizer folder
+    res = resolve_mexma(own / "model.safetensors")
+    assert res.tokenizer.source.startswith(str(own / "tokenizer.json")), res.tokenizer.source
+    (own / "tokenizer.json").unlink()
+    with pytest.raises(loading.CheckpointError, match="(?s)model.safetensors.*tokenizer.json"):
+        resolve_mexma(own / "model.safetensors")
+    # The snapshot layout still finds the snapshot's tokenizer/ beside text_encoder/.
+    assert str(snap / "tokenizer") in resolve_mexma(snap).tokenizer.source

@@ -128,15 +128,19 @@ def resolve_linear_dit(path: Path) -> Resolved:
 
 
 def find_tokenizer(weights: Path) -> Path:
-    """Where a tokenizer for a text-encoder file may sit: the snapshot's tokenizer/ folder, a folder or
-    ``<stem>.tokenizer.json`` beside a single file, or the file's own folder."""
+    """Where the tokenizer of a text-encoder file sits. The file's own tokenizer comes first
+    (``<stem>.tokenizer.json``, ``<stem>_tokenizer/``, then its folder's ``tokenizer/`` or ``tokenizer.json``);
+    only a snapshot component folder (``text_encoder/``) falls back to its snapshot's ``tokenizer/``. A folder
+    like ``models/text_encoders/<name>/`` never borrows ``models/text_encoders/tokenizer/``: that belongs to
+    another model."""
     folder, stem = weights.parent, weights.name.split(".")[0]
-    candidates = [folder.parent / "tokenizer", folder / f"{stem}.tokenizer.json", folder / f"{stem}_tokenizer",
-                  folder / "tokenizer", folder]
+    candidates = [folder / f"{stem}.tokenizer.json", folder / f"{stem}_tokenizer", folder / "tokenizer", folder]
+    if folder.name == "text_encoder":
+        candidates.append(folder.parent / "tokenizer")
     for c in candidates:
         if (c.is_file() and c.suffix == ".json") or (c.is_dir() and (c / "tokenizer.json").is_file()):
             return c
-    return candidates[0]  # the tokenizer loader then names what is missing
+    return candidates[-1]  # the tokenizer loader then names what is missing
 
 
 def resolve_vae(path: Path) -> Resolved:

@@ -112,14 +112,46 @@ def test_vae_from_snapshot_matches_reference(snap, ref):
 
 
 def test_original_sana_pth_loads_weights_only(snap, tmp_path):
+    """Issue 10 defect 4: recoilme/waifu's save_checkpoint container (state_dict + epoch + rng_state with numpy's
+    RNG state, pickled under numpy-1 names) loads with weights_only plus the numpy-array allow-list."""
+    from fixtures.waifu_snapshot import pickle_globals, save_sana_checkpoint
     res = loading.resolve_linear_dit(snap)
     sd = {k: v.clone() for k, v in res.state_dict.items()}
     sd["y_embedder.y_embedding"] = torch.randn(512, 128)  # buffers the original checkpoints carry
-    path = tmp_path / "waifu-2b-v09.pth"
-    torch.save({"state_dict": sd}, path)
+    path = save_sana_checkpoint(sd, tmp_path / "waifu-2b-v09.pth")
+    names = pickle_globals(path)
+    assert {"numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"} <= names, names
+    # Control: torch's plain weights_only refuses this very file (what the old loader did).
+    with pytest.raises(pickle.UnpicklingError, match="numpy"):
+        torch.load(path, weights_only=True)
     got = loading.resolve_linear_dit(path)
     assert got.params == res.params and got.extra["shift"] is None
     assert set(got.state_dict) == set(res.state_dict)
+    assert all(torch.equal(got.state_dict[k], res.state_dict[k]) for k in res.state_dict)
+
+
+class _System:
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        import os
+        return (os.system, (self.cmd,))
+
+
+def test_numpy_allow_list_still_refuses_code(tmp_path):
+    """The numpy allow-list admits array data only: a save_checkpoint-like .pth that also carries os.system is
+    refused, naming the file, and the command never runs."""
+    from fixtures.waifu_snapshot import save_sana_checkpoint
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    save_sana_checkpoint({"w": torch.zeros(1), "x": _System(f"touch {marker}")}, path)
+    with pytest.raises(loading.CheckpointError, match="evil.pth.*weights-only"):
+        loading.read_state_dict(path)
+    assert not marker.exists()
+    # Control: an unrestricted load of the same file does run it (so the test can see the difference).
+    torch.load(path, weights_only=False)
+    assert marker.exists()
 
 
 class _Evil:

@@ -25,6 +25,29 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says which file and what to do."""
 
 
+def _numpy_array_globals() -> list:
+    """What torch's weights-only unpickler must additionally accept to read plain numpy arrays, and nothing more.
+
+    recoilme/waifu's ``save_checkpoint`` (diffusion/utils/checkpoint.py) stores ``np.random.get_state()`` beside
+    the state dict; its pickle names ``numpy.core.multiarray._reconstruct`` (numpy 1; numpy 2 writes
+    ``numpy._core.multiarray._reconstruct``), ``numpy.ndarray`` and ``numpy.dtype``. Those rebuild an array from
+    raw bytes; none runs code. The dtype instances are BUILT (``__setstate__``), so their concrete classes are
+    listed too, numeric and bool ones only. Every other global (os.system, builtins.eval, ...) stays refused by
+    weights_only."""
+    try:
+        import numpy as np
+    except ImportError:  # no numpy, no numpy arrays to read
+        return []
+    reconstruct = np.ndarray(0).__reduce__()[0]  # the installed numpy's _reconstruct, whatever its module
+    allowed = [(reconstruct, "numpy.core.multiarray._reconstruct"),
+               (reconstruct, "numpy._core.multiarray._reconstruct"),
+               (np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    for code in "?bBhHiIlLqQefdgFDG":
+        cls = type(np.dtype(code))
+        allowed.append((cls, f"{cls.__module__}.{cls.__qualname__}"))
+    return allowed
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
@@ -40,7 +63,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                                   f"or corrupt: download it again. {FETCH_HINT}") from None
     if suffix in PICKLE_SUFFIXES:
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(_numpy_array_globals()):
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses arbitrary pickles; anything else is a bad file
             raise CheckpointError(f"{path}: could not be read as a weights-only torch checkpoint ({e}). "
                                   f"Use the .safetensors release of this model instead.") from None

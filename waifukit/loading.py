@@ -8,6 +8,7 @@ file and the fix.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -53,6 +54,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found. {FETCH_HINT}")
     suffix = path.suffix.lower()
+    if is_shard_index(path):
+        return read_sharded(path)
     if suffix in SAFE_SUFFIXES:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -75,7 +78,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
             raise CheckpointError(f"{path}: does not hold a state dict of tensors")
         return obj
-    raise CheckpointError(f"{path}: unsupported file type {suffix!r}; expected .safetensors (or .pth/.ckpt)")
+    raise CheckpointError(f"{path}: unsupported file type {suffix!r}; expected .safetensors (or .pth/.ckpt, or a "
+                          f"sharded checkpoint's *.safetensors.index.json)")
 
 
 def read_json(path: Path) -> dict:
@@ -85,20 +89,97 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: unreadable JSON ({e})") from None
 
 
-# Weight file names in preference order: the published snapshot ships the fp16 variants.
-_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                 "model.safetensors", "model.fp16.safetensors")
+# Weight file names in preference order: the published snapshot ships the fp16 variants. Each single file is
+# followed by the index of the same checkpoint saved in shards (save_pretrained over max_shard_size); diffusers
+# and transformers name a variant's index "<name>.safetensors.index.<variant>.json" and its shards
+# "<name>.<variant>-0000N-of-0000M.safetensors" (diffusers/utils/hub_utils.py _add_variant, models/modeling_utils.py
+# save_pretrained). Pickled twins (.bin) come last: a .safetensors beside them always wins.
+_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                 "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors.index.fp16.json",
+                 "model.safetensors", "model.safetensors.index.json",
+                 "model.fp16.safetensors", "model.safetensors.index.fp16.json")
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.(?P<ext>safetensors|bin)$")
+
+
+def is_shard_index(path: Path) -> bool:
+    name = Path(path).name
+    return name.endswith(".json") and ".index" in name and (".safetensors.index" in name or ".bin.index" in name)
+
+
+def read_sharded(index: Path) -> dict[str, torch.Tensor]:
+    """A sharded checkpoint through its index: every shard the index names must exist, and every indexed key must
+    be in exactly the shard the index names, once; a shard holding keys the index does not list is refused too
+    (a mixed-up folder, e.g. shards of two saves)."""
+    index = Path(index)
+    data = read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: not a sharded-checkpoint index (no weight_map). Download it again.")
+    shards = sorted(set(weight_map.values()))
+    missing = [name for name in shards if not (index.parent / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{index}: lists shard(s) that are not in {index.parent}: {', '.join(missing)}. "
+                              f"Download the missing shard(s). {FETCH_HINT}")
+    out: dict[str, torch.Tensor] = {}
+    for name in shards:
+        path = index.parent / name
+        if is_shard_index(path):
+            raise CheckpointError(f"{index}: shard {name} is itself an index")
+        part = read_state_dict(path)
+        stray = [k for k in part if weight_map.get(k) != name]
+        twice = [k for k in part if k in out]
+        if twice:
+            raise CheckpointError(f"{path}: holds key(s) another shard already gave (e.g. {twice[:3]}); the shards "
+                                  f"do not belong together. Download the checkpoint again.")
+        if stray:
+            raise CheckpointError(f"{path}: holds key(s) that {index.name} does not place in this shard (e.g. "
+                                  f"{stray[:3]}); the shards and the index do not belong together. Download again.")
+        out.update(part)
+    absent = [k for k in weight_map if k not in out]
+    if absent:
+        raise CheckpointError(f"{index}: {len(absent)} indexed key(s) are in none of the shards (e.g. {absent[:3]}); "
+                              f"a shard is truncated or from another save. Download the checkpoint again.")
+    return out
+
+
+def index_of_shard(path: Path) -> Optional[Path]:
+    """The index json that lists a shard file (so picking any shard loads the whole checkpoint), or None."""
+    path = Path(path)
+    m = _SHARD.match(path.name)
+    if not m:
+        return None
+    for index in sorted(path.parent.glob("*.index*.json")):
+        if is_shard_index(index):
+            try:
+                if path.name in set(read_json(index).get("weight_map", {}).values()):
+                    return index
+            except (CheckpointError, AttributeError):
+                continue
+    raise CheckpointError(f"{path}: is one shard of a sharded checkpoint, but no *.index.json beside it lists it. "
+                          f"Download the index file with the shards. {FETCH_HINT}")
 
 
 def find_weights(folder: Path) -> Path:
+    """The weights of a component folder: a single file or a shard index (read_state_dict reads both)."""
     for name in _WEIGHT_NAMES:
         if (folder / name).is_file():
             return folder / name
-    found = sorted(folder.glob("*.safetensors")) + sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    indexes = [p for p in sorted(folder.glob("*.json")) if is_shard_index(p)]
+    listed = set()
+    for index in indexes:
+        wm = read_json(index)
+        wm = wm.get("weight_map") if isinstance(wm, dict) else None
+        listed |= set(wm.values()) if isinstance(wm, dict) else set()
+    safe = [p for p in sorted(folder.glob("*.safetensors")) if p.name not in listed]
+    pickles = [p for p in sorted(folder.iterdir()) if p.suffix in PICKLE_SUFFIXES and p.name not in listed]
+    found = safe + indexes or pickles  # a .safetensors (or index) beside a pickle wins; the pickle is never read
     if len(found) == 1:
         return found[0]
     if not found:
         raise CheckpointError(f"{folder}: no weights file (expected one of {', '.join(_WEIGHT_NAMES)}). {FETCH_HINT}")
+    if any(_SHARD.match(p.name) for p in found):
+        raise CheckpointError(f"{folder}: sharded weights ({', '.join(p.name for p in found if _SHARD.match(p.name))}) "
+                              f"without the *.safetensors.index.json that lists them: download it too. {FETCH_HINT}")
     raise CheckpointError(f"{folder}: several weight files ({', '.join(p.name for p in found)}); keep one")
 
 
@@ -109,7 +190,7 @@ def load_component(path: Path, sub: str) -> tuple[dict, Optional[dict], Path]:
         folder = path / sub if (path / sub).is_dir() else path
         weights = find_weights(folder)
     else:
-        folder, weights = path.parent, path
+        folder, weights = path.parent, index_of_shard(path) or path
     cfg_path = folder / "config.json"
     # A config.json only counts when it sits in a component folder (the snapshot layout), not beside
     # unrelated single files in models/<kind>/.

@@ -14,7 +14,7 @@ import torch
 
 
 from ..waifukit.mexma import (MISSING_PROJECTOR, MISSING_VISION, MexmaSigLIPText, SiglipVisionTower,
-                              preprocess_images, prompt_texts, resolve_mexma)
+                              image_pixels, prompt_texts, resolve_mexma)
 from ..waifukit import loading
 from .common import pick_dtype
 from .core_api import ModelPatcher, mm
@@ -25,8 +25,9 @@ class MexmaTextEncoder:
     ``encode_images`` (SigLIP pooled image embedding)."""
 
     def __init__(self, module: MexmaSigLIPText, tokenizer, source: Path, load_device, offload_device,
-                 vision: SiglipVisionTower | None = None):
+                 vision: SiglipVisionTower | None = None, image_processing=None):
         self.module = module
+        self.image_processing = image_processing
         self.tokenizer = tokenizer
         self.source = source
         self.vision = vision
@@ -65,7 +66,7 @@ class MexmaTextEncoder:
         """ComfyUI IMAGE [B,H,W,3] -> pooled SigLIP embeddings [B,D] (float32, intermediate device)."""
         if self.vision is None:
             raise ValueError(f"{self.source}: {MISSING_VISION}")
-        pixels = preprocess_images(images, self.vision.params.image_size)
+        pixels = image_pixels(self.image_processing, images, self.source)
         mm.load_models_gpu([self.vision_patcher])
         device = self.vision_patcher.load_device
         with torch.inference_mode():
@@ -94,4 +95,5 @@ def load_text_encoder(path: Path, dtype_choice: str = "auto", tokenizer: Path | 
     if res.vision_params is not None:
         vision = SiglipVisionTower(res.vision_params, dtype=dtype, device=offload_device).eval()
         loading.load_strict(vision, res.vision_state_dict, res.source)
-    return MexmaTextEncoder(module, res.tokenizer, res.source, load_device, offload_device, vision)
+    return MexmaTextEncoder(module, res.tokenizer, res.source, load_device, offload_device, vision,
+                            res.image_processing)

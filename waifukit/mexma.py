@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -52,11 +52,13 @@ class SiglipVisionParams:
                 raise ValueError(f"SiglipVisionParams.{name} must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.image_size < self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
 
     @property
     def num_patches(self) -> int:
+        # Like SiglipVisionEmbeddings: the stride-patch conv without padding reads the top-left
+        # floor(side / patch) * patch pixels (so400m-patch14-384: 27 x 27 patches of a 384 x 384 input).
         return (self.image_size // self.patch_size) ** 2
 
     @classmethod
@@ -76,7 +78,9 @@ class SiglipVisionParams:
     @classmethod
     def infer(cls, sd: dict) -> "SiglipVisionParams":
         """From shapes. The head count is not in the shapes: SigLIP towers use 72-dim heads when the width
-        allows it (so400m: 1152 = 16 x 72), else 64 (base/large)."""
+        allows it (so400m: 1152 = 16 x 72), else 64 (base/large). Nor is the image side: any side from
+        grid * patch to grid * patch + patch - 1 fills the position table, so this takes grid * patch and
+        ``resolve_mexma`` replaces it by the processor's size (preprocessor_config.json)."""
         hidden, _, patch, _ = sd["embeddings.patch_embedding.weight"].shape
         grid = math.isqrt(sd["embeddings.position_embedding.weight"].shape[0])
         layers = {int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layers\.(\d+)\.", k))}
@@ -285,7 +289,7 @@ class SiglipVisionTower(nn.Module):
         s = self.params.image_size
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[2:]) != (s, s):
             raise ValueError(f"pixel_values must be [B,3,{s},{s}], got {tuple(pixel_values.shape)}; "
-                             "use preprocess_images()")
+                             "use SiglipImageProcessing")
         x = self.embeddings(pixel_values)
         for layer in self.encoder.layers:
             x = layer(x)
@@ -294,16 +298,93 @@ class SiglipVisionTower(nn.Module):
     encode_images = forward
 
 
-def preprocess_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """ComfyUI IMAGE [B,H,W,3] in 0..1 -> SigLIP pixel_values [B,3,size,size] in -1..1: bicubic resize of the
-    whole image to size x size (antialiased, like the PIL resize of SiglipImageProcessor), then
-    (x - 0.5) / 0.5. Alpha channels are dropped."""
-    if images.ndim != 4 or images.shape[-1] < 3:
-        raise ValueError(f"expected an IMAGE [B,H,W,3], got shape {tuple(images.shape)}")
-    x = images[..., :3].permute(0, 3, 1, 2).float()
-    if tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    return (x.clamp(0, 1) - 0.5) / 0.5
+MISSING_PROCESSOR = ("missing preprocessor_config.json: the image side and normalisation this SigLIP tower was "
+                     "trained with are not in its weights (so400m-patch14-384 takes 384 x 384, of which the patch "
+                     "conv reads 378 x 378). Put visheratin/mexma-siglip's preprocessor_config.json beside the model "
+                     "(or as <name>.preprocessor_config.json beside a single file)")
+
+
+@dataclass(frozen=True)
+class SiglipImageProcessing:
+    """transformers' ``SiglipImageProcessor`` (5.x, torchvision backend; models/siglip/image_processing_siglip.py and
+    image_processing_backends.py) as configured by a ``preprocessor_config.json``: resize to height x width
+    (bicubic, antialiased, on the uint8 image), then rescale and normalise in one step,
+    (x - mean / rescale) / (std / rescale)."""
+    height: int
+    width: int
+    do_resize: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "SiglipImageProcessing":
+        """Only what the published processor uses is accepted; anything else is refused by name, not ignored."""
+        kind = cfg.get("image_processor_type", "SiglipImageProcessor")
+        if kind not in ("SiglipImageProcessor", "SiglipImageProcessorFast"):
+            raise ValueError(f"image_processor_type {kind!r} is not SiglipImageProcessor")
+        size = cfg.get("size")
+        if not isinstance(size, dict) or set(size) != {"height", "width"}:
+            raise ValueError(f"size {size!r}: only {{'height', 'width'}} is supported (SigLIP resizes to a fixed size)")
+        if cfg.get("resample", 3) != 3:
+            raise ValueError(f"resample {cfg.get('resample')!r}: only 3 (bicubic, SigLIP's) is supported")
+        for flag in ("do_center_crop", "do_pad"):
+            if cfg.get(flag):
+                raise ValueError(f"{flag}=true is not supported (SigLIP's processor does not crop or pad)")
+        if cfg.get("do_convert_rgb") is False:
+            raise ValueError("do_convert_rgb=false is not supported (ComfyUI images are RGB)")
+        mean, std = cfg.get("image_mean", [0.5] * 3), cfg.get("image_std", [0.5] * 3)
+        mean = tuple(mean) * 3 if len(mean) == 1 else tuple(mean)
+        std = tuple(std) * 3 if len(std) == 1 else tuple(std)
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"image_mean {mean} / image_std {std}: expected 3 values each")
+        return cls(height=int(size["height"]), width=int(size["width"]), do_resize=bool(cfg.get("do_resize", True)),
+                   do_rescale=bool(cfg.get("do_rescale", True)),
+                   rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
+                   do_normalize=bool(cfg.get("do_normalize", True)), image_mean=mean, image_std=std)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """ComfyUI IMAGE [B,H,W,C] in 0..1 -> pixel_values [B,3,height,width] float32 (alpha dropped).
+
+        The processor works on the 8-bit image a user loads (PIL/numpy uint8), so the IMAGE is quantised
+        (round(x * 255)), exact for images that came from files. Resizing runs on the CPU like the processor's
+        default: torch's native uint8 antialiased bicubic, which torchvision uses there (its GPU path resizes
+        in float and rounds, and can differ by one level)."""
+        if images.ndim != 4 or images.shape[-1] < 3:
+            raise ValueError(f"expected an IMAGE [B,H,W,3], got shape {tuple(images.shape)}")
+        x = (images[..., :3].detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+        x = x.permute(0, 3, 1, 2).contiguous()
+        if self.do_resize and tuple(x.shape[-2:]) != (self.height, self.width):
+            x = F.interpolate(x, size=(self.height, self.width), mode="bicubic", align_corners=False, antialias=True)
+        elif not self.do_resize and tuple(x.shape[-2:]) != (self.height, self.width):
+            raise ValueError(f"do_resize=false needs {self.height}x{self.width} images, got {tuple(x.shape[-2:])}")
+        x = x.float()
+        mean = torch.tensor(self.image_mean, dtype=torch.float32)
+        std = torch.tensor(self.image_std, dtype=torch.float32)
+        if self.do_normalize:
+            if self.do_rescale:  # fused like the processor: mean and std in 0..255 units
+                mean, std = mean * (1.0 / self.rescale_factor), std * (1.0 / self.rescale_factor)
+            return (x - mean[:, None, None]) / std[:, None, None]
+        return x * self.rescale_factor if self.do_rescale else x
+
+
+def image_pixels(processing: Optional[SiglipImageProcessing], images: torch.Tensor, source) -> torch.Tensor:
+    """pixel_values for the vision tower, or the MISSING_PROCESSOR error naming the model file."""
+    if processing is None:
+        raise ValueError(f"{source}: {MISSING_PROCESSOR}")
+    return processing(images)
+
+
+def find_processor_config(weights: Path) -> Optional[Path]:
+    """A model's own preprocessor_config.json: ``<stem>.preprocessor_config.json`` beside a single file, or the
+    one in its folder (visheratin/mexma-siglip keeps it beside model.safetensors)."""
+    folder, stem = weights.parent, weights.name.split(".")[0]
+    for c in (folder / f"{stem}.preprocessor_config.json", folder / "preprocessor_config.json"):
+        if c.is_file():
+            return c
+    return None
 
 
 # ----------------------------------------------------------------------------- resolving files
@@ -319,6 +400,7 @@ class ResolvedMexma:
     vision_state_dict: Optional[dict]
     tokenizer: object
     source: Path
+    image_processing: Optional[SiglipImageProcessing] = None  # None: no preprocessor_config.json (images refused)
 
 
 def _is_xlmr_config(cfg: Optional[dict]) -> bool:
@@ -358,7 +440,7 @@ def resolve_mexma(path: Path, tokenizer: Optional[Path] = None) -> ResolvedMexma
                                           f"text tower gives {text_params.hidden_size}")
         proj_dim = proj["weight"].shape[0]
         out_sd.update({f"text_projector.{k}": v for k, v in proj.items()})
-    vision_params = None
+    vision_params, processing = None, None
     if vision is not None:
         vision = {k: v for k, v in vision.items() if not k.endswith("position_ids")}
         vcfg = (cfg or {}).get("vision_config")
@@ -366,10 +448,25 @@ def resolve_mexma(path: Path, tokenizer: Optional[Path] = None) -> ResolvedMexma
             vision_params = SiglipVisionParams.from_hf_config(vcfg) if vcfg else SiglipVisionParams.infer(vision)
         except (ValueError, KeyError) as e:
             raise loading.CheckpointError(f"{weights}: unsupported vision tower: {e}") from None
+        # The processor decides the side (the weights only bound it); without its config we refuse images
+        # rather than guess one (MISSING_PROCESSOR), and the text side still loads.
+        if (pcfg := find_processor_config(weights)) is not None:
+            try:
+                processing = SiglipImageProcessing.from_config(loading.read_json(pcfg))
+            except (ValueError, TypeError) as e:
+                raise loading.CheckpointError(f"{pcfg}: unsupported image processor: {e}") from None
+            rows = vision["embeddings.position_embedding.weight"].shape[0]
+            grid = processing.height // vision_params.patch_size
+            if processing.height != processing.width or grid * grid != rows:
+                raise loading.CheckpointError(
+                    f"{pcfg}: size {processing.height}x{processing.width} does not fit the vision tower of {weights} "
+                    f"({rows} position rows, patch {vision_params.patch_size}): this processor config belongs to "
+                    "another model")
+            vision_params = replace(vision_params, image_size=processing.height)
     tok_path = tokenizer or loading.find_tokenizer(weights)
     try:
         tok = XLMRTokenizer.from_path(tok_path)
     except FileNotFoundError as e:
         raise loading.CheckpointError(f"{weights}: no tokenizer found: {e}") from None
     return ResolvedMexma(text_params, out_sd, proj_dim, proj is not None and "bias" in proj, vision_params, vision,
-                         tok, weights)
+                         tok, weights, processing)

@@ -191,3 +191,36 @@ def test_bin_twins_are_never_unpickled(snaps, tmp_path, monkeypatch, snap, sub, 
     _only_weights(copy / sub).unlink()
     other = resolve(copy / sub)
     assert any(not torch.equal(other[k], expected[k]) for k in expected)
+
+
+def test_waifu_text_encoder_fp32_under_fp16_name_with_pooler(tmp_path):
+    """waifu-2b's text_encoder/model.fp16.safetensors holds fp32 data (A4), maybe with XLM-R's pooler keys: the
+    dtype of the data is kept (not the name's), the pooler is dropped, and the per-token states match
+    transformers' XLMRobertaModel on the same file (fp32, <= 1e-4 relative)."""
+    from safetensors import safe_open
+
+    from fixtures.waifu_snapshot import build_waifu_snapshot, load_reference, reference_encode
+    from helpers import max_rel_err
+    from waifukit.mexma import MexmaSigLIPText
+    snap = build_waifu_snapshot(tmp_path / "waifu-2b", te_pooler=True)
+    te_file = snap / "text_encoder" / "model.fp16.safetensors"
+    with safe_open(str(te_file), "pt") as f:
+        keys = list(f.keys())
+        assert {f.get_slice(k).get_dtype() for k in keys} == {"F32"}
+    assert any(k.startswith("pooler.") for k in keys)
+    res = loading_mexma(snap)
+    assert not any("pooler" in k for k in res.text_state_dict)
+    assert {v.dtype for v in res.text_state_dict.values()} == {torch.float32}
+    te = MexmaSigLIPText(res.text_params, None).eval()
+    loading.load_strict(te, res.text_state_dict, res.source)
+    ref = load_reference(snap)
+    prompts = ["A girl, Silver Hair  ", "一只可爱的猫"]
+    ids, mask = res.tokenizer([p.lower().strip() for p in prompts])
+    with torch.no_grad():
+        ours = te(ids, mask)[0]
+    theirs, _ = reference_encode(ref, prompts)
+    assert max_rel_err(ours, theirs) <= 1e-4
+    # Control: another prompt is far off.
+    ids2, mask2 = res.tokenizer(["a dog on a bench", "夜の街"])
+    with torch.no_grad():
+        assert max_rel_err(te(ids2, mask2)[0], theirs) > 0.05

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -24,6 +26,37 @@ PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message says which file and what to do."""
+
+
+_HEADERS_ONLY: ContextVar[bool] = ContextVar("waifukit_headers_only", default=False)
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+@contextmanager
+def headers_only():
+    """Within this block every weights file is read for its key names, shapes and dtypes only: tensors come back
+    on the meta device (safetensors headers; pickles mapped to meta), so full-size checkpoints can be resolved
+    and checked without reading or allocating their data."""
+    token = _HEADERS_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _HEADERS_ONLY.reset(token)
+
+
+def _read_safetensors_header(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+    out = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            sl = f.get_slice(key)
+            dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {sl.get_dtype()}")
+            out[key] = torch.empty(sl.get_shape(), dtype=dtype, device="meta")
+    return out
 
 
 def _numpy_array_globals() -> list:
@@ -60,14 +93,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         try:
-            return load_file(str(path))
+            return _read_safetensors_header(path) if _HEADERS_ONLY.get() else load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it is probably truncated "
                                   f"or corrupt: download it again. {FETCH_HINT}") from None
     if suffix in PICKLE_SUFFIXES:
         try:
+            meta = _HEADERS_ONLY.get()
             with torch.serialization.safe_globals(_numpy_array_globals()):
-                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+                obj = torch.load(str(path), map_location="meta" if meta else "cpu", weights_only=True, mmap=meta)
         except Exception as e:  # weights_only refuses arbitrary pickles; anything else is a bad file
             raise CheckpointError(f"{path}: could not be read as a weights-only torch checkpoint ({e}). "
                                   f"Use the .safetensors release of this model instead.") from None

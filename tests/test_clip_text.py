@@ -83,3 +83,18 @@ def test_resolve_from_file_and_wrong_family(tmp_path, tok_dir):
               str(tmp_path / "prior.safetensors"))
     with pytest.raises(CheckpointError, match="Stage C prior"):
         resolve_clip_text(tmp_path / "prior.safetensors", tokenizer=tok_dir)
+
+
+def test_text_encoder_folder_uses_its_own_tokenizer(tmp_path, tok_dir):
+    """Issue 10 defect 7 (CLIP side): models/text_encoders/<name>/ with its own vocab.json + merges.txt must not
+    take the sibling models/text_encoders/tokenizer/ (another model's)."""
+    import shutil
+    vocab = len(CLIPTokenizer.from_path(tok_dir).tokenizer.get_vocab())
+    own = tmp_path / "text_encoders" / "bigG"
+    shutil.copytree(tok_dir, own)
+    shutil.copytree(tok_dir, tmp_path / "text_encoders" / "tokenizer")
+    te = tiny_clip_text(vocab, 64, 5)
+    save_file({"text_model." + k: v.contiguous() for k, v in te.state_dict().items()}, str(own / "model.safetensors"))
+    te.config.to_json_file(own / "model.json")
+    tok = resolve_clip_text(own / "model.safetensors")[3]
+    assert tok.source == str(own), tok.source

@@ -255,14 +255,18 @@ class CLIPTokenizer:
 
 
 def find_clip_tokenizer(weights: Path) -> Path:
-    """The snapshot's tokenizer/ beside text_encoder/, or <stem>_tokenizer/, tokenizer/ or tokenizer.json beside a file."""
+    """The file's own tokenizer first (<stem>_tokenizer/, <stem>.tokenizer.json, then tokenizer/ or tokenizer.json /
+    vocab.json + merges.txt in its folder); only a snapshot's text_encoder/ falls back to the snapshot's tokenizer/
+    (a folder in models/text_encoders/ never borrows models/text_encoders/tokenizer/, another model's)."""
     folder, stem = weights.parent, weights.name.split(".")[0]
-    for c in (folder.parent / "tokenizer", folder / f"{stem}_tokenizer", folder / f"{stem}.tokenizer.json",
-              folder / "tokenizer", folder):
+    candidates = [folder / f"{stem}_tokenizer", folder / f"{stem}.tokenizer.json", folder / "tokenizer", folder]
+    if folder.name == "text_encoder":
+        candidates.append(folder.parent / "tokenizer")
+    for c in candidates:
         if (c.is_file() and c.suffix == ".json") or (c.is_dir() and ((c / "tokenizer.json").is_file() or
                                                                     (c / "vocab.json").is_file())):
             return c
-    return folder.parent / "tokenizer"
+    return candidates[-1]
 
 
 def resolve_clip_text(path: Path, tokenizer: Optional[Path] = None):

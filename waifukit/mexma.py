@@ -321,7 +321,8 @@ class SiglipImageProcessing:
 
     @classmethod
     def from_config(cls, cfg: dict) -> "SiglipImageProcessing":
-        """Only what the published processor uses is accepted; anything else is refused by name, not ignored."""
+        """The settings this class implements; a processor setting it does not (another resample, size kind,
+        crop, pad) is refused by name rather than ignored. Fields that do not change pixels are not read."""
         kind = cfg.get("image_processor_type", "SiglipImageProcessor")
         if kind not in ("SiglipImageProcessor", "SiglipImageProcessorFast"):
             raise ValueError(f"image_processor_type {kind!r} is not SiglipImageProcessor")

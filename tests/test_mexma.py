@@ -89,16 +89,19 @@ def test_encode_images_matches_reference(mexma_dir, reference):
         ours = tower(pixels)
     expected = reference_encode_images(reference, u8, processor)
     err = max_rel_err(ours, expected)
+    print(f"pixel_values max abs diff {(pixels - ref_pixels).abs().max():.1e}; pooler max rel err {err:.2e}")
     assert err <= 1e-4, f"encode_images max rel err {err:.2e}"
     # Control: another image moves the embedding far past the bound.
     with torch.no_grad():
         other = tower(res.image_processing(_images(1, 53, 71)[1]))
+    print(f"control, another image: {max_rel_err(other, expected):.2f}")
     assert max_rel_err(other, expected) > 0.05
     # Control: the old reading (resize to grid * patch = 32) is far off too.
     with torch.no_grad():
         old = SiglipVisionTower(res.vision_params.__class__(**{**res.vision_params.__dict__, "image_size": 32}))
         old.load_state_dict(tower.state_dict())
         old_emb = old.eval()(SiglipImageProcessing(height=32, width=32)(image))
+    print(f"control, the old 32 x 32 reading: {max_rel_err(old_emb, expected):.2f}")
     assert max_rel_err(old_emb, expected) > 0.05
 
 

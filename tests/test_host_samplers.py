@@ -82,7 +82,7 @@ def events(host, wf, interrupt_node=None):
 
 
 def throttles_progress(host) -> bool:
-    return "PROGRESS_THROTTLE_MIN_INTERVAL" in (host.comfyui / "comfy_host" / "utils.py").read_text()
+    return "PROGRESS_THROTTLE_MIN_INTERVAL" in (host.comfyui / "comfy" / "utils.py").read_text()
 
 
 @pytest.mark.parametrize("family,node,quick,long", SAMPLERS, ids=[f"{s[0]}-{s[1]}" for s in SAMPLERS])

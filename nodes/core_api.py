@@ -23,6 +23,8 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.model_sampling
 import comfy.ops
+import comfy.sample
+import comfy.samplers
 import comfy.supported_models_base
 import comfy.utils
 import folder_paths
@@ -73,6 +75,10 @@ SURFACE = (
     Use("comfy.model_sampling.EPS", call=False),
     Use("comfy.model_sampling.V_PREDICTION", call=False),
     Use("comfy.model_sampling.X0", call=False),
+    Use("comfy.model_patcher.ModelPatcher.get_model_object", 2),
+    # the stock sampler loop, for MODELs whose patches our fused loops cannot apply
+    Use("comfy.sample.sample_custom", 8, ("noise_mask", "callback", "disable_pbar", "seed")),
+    Use("comfy.samplers.sampler_object", 1),
     Use("comfy.model_base.BaseModel", 2, ("device", "unet_model")),
     Use("comfy.model_base.BaseModel.extra_conds", 1, ()),  # we override it and call it with **kwargs
     Use("comfy.model_base.ModelType.FLOW", call=False),
@@ -151,7 +157,9 @@ disable_weight_init = comfy.ops.disable_weight_init
 ProgressBar = comfy.utils.ProgressBar
 cli_args = comfy.cli_args.args
 LatentPreviewMethod = comfy.cli_args.LatentPreviewMethod
+sample_custom = comfy.sample.sample_custom
+sampler_object = comfy.samplers.sampler_object
 
 __all__ = ["SURFACE", "check_surface", "host_version", "mm", "folder_paths", "latent_preview", "ModelPatcher",
            "BaseModel", "ModelType", "ModelSamplingDiscrete", "EPS", "V_PREDICTION", "X0", "BASE", "CONDRegular", "LatentFormat", "disable_weight_init", "ProgressBar",
-           "cli_args", "LatentPreviewMethod"]
+           "cli_args", "LatentPreviewMethod", "sample_custom", "sampler_object"]

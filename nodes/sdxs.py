@@ -9,6 +9,7 @@ import torch
 
 
 from ..waifukit import ddpm
+from ..waifukit.latents import batch_index_of, latent_mask
 from ..waifukit.mexma import MISSING_PROJECTOR
 from ..waifukit.registry import MODELS, fetch_hint
 from ..waifukit.sdxs import is_sdxs_snapshot
@@ -150,11 +151,14 @@ class SDXSSampler:
             raise ValueError(f"SDXSSampler needs the SDXS UNet; got {type(base).__name__} (use the Waifu sampler for "
                              "Waifu models)")
         fmt = base.latent_format
-        start = None
+        start = mask = None
         if latent_image is not None:
             shape, start = start_latent(latent_image, fmt, "SDXS")
-            start = fmt.process_in(start.float())
-            if denoise >= 1.0:
+            # As KSampler: an all-zero LATENT is an empty one, already model-space zeros (no latent shift applied).
+            start = fmt.process_in(start.float()) if bool(start.any()) else start.float()
+            if latent_image.get("noise_mask") is not None:  # SetLatentNoiseMask: keep the unmasked region
+                mask = latent_mask(latent_image["noise_mask"], shape)
+            elif denoise >= 1.0:
                 start = None
         else:
             shape = (batch_size, fmt.latent_channels, height // 8, width // 8)
@@ -187,8 +191,12 @@ class SDXSSampler:
         generator = torch.Generator("cpu").manual_seed(int(seed))
         with torch.inference_mode():
             out = ddpm.sample(model_fn, base.schedule, shape, steps, generator, sampler, start=start,
-                              denoise=denoise, device=device, callback=callback)
-        return ({"samples": fmt.process_out(out).to(mm.intermediate_device())},)
+                              denoise=denoise, device=device, callback=callback,
+                              batch_index=batch_index_of(latent_image), mask=mask)
+        # KSampler's convention: the input LATENT's other keys (noise_mask, batch_index) carry over.
+        result = dict(latent_image) if latent_image is not None else {}
+        result["samples"] = fmt.process_out(out).to(mm.intermediate_device())
+        return (result,)
 
 
 NODES = {

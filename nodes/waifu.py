@@ -5,17 +5,19 @@ or reorder, only append optional inputs.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
-
-from ..waifukit.flow import flow_sigmas, initial_noise
+from ..waifukit.flow import flow_sigmas
 from ..waifukit.fused import sample_flow_euler_fast
+from ..waifukit.latents import batch_index_of, latent_mask, seeded_noise
 from ..waifukit.loading import is_waifu_snapshot
 from ..waifukit.registry import FETCH_HINT, MODELS, WAIFU_BUCKETS, bucket_label
 from . import mexma_host, vae16_host, waifu_host
 from .common import (BATCH_SIZE_INPUT, CATEGORY, DENOISE_INPUT, DTYPE_INPUT, LATENT_IMAGE_INPUT, RAW_LATENT_TOOLTIP,
                      TEXT_DEVICE_INPUT, check_side, diffusers_folder, diffusers_folders, model_file, start_latent)
-from .core_api import folder_paths, latent_preview, mm
+from .core_api import folder_paths, latent_preview, mm, sample_custom, sampler_object
 
 WAIFU_DEFAULTS = MODELS["waifu-2b"]
 MAX_SIDE = 8192
@@ -135,14 +137,35 @@ class LinearDiTSampler:
                latent_image=None):
         base = model.model
         fmt = base.latent_format
+        start = mask = None
         if latent_image is not None:
             shape, start = start_latent(latent_image, fmt, "Waifu")
+            if latent_image.get("noise_mask") is not None:
+                mask = latent_mask(latent_image["noise_mask"], shape)
         else:
             shape = (batch_size, fmt.latent_channels, height // 8, width // 8)
-            start = None
-        sigmas = flow_sigmas(steps, shift or float(base.model_sampling.shift), denoise=denoise)
-        noise = initial_noise(shape, seed)
-        x = noise if start is None or sigmas[0] == 1.0 else sigmas[0] * noise + (1 - sigmas[0]) * fmt.process_in(start.float())
+        # The model sampling as KSampler reads it: a ModelSamplingSD3 / ModelSamplingAuraFlow patch on the
+        # MODEL replaces the base one (shift, and the multiplier that turns sigma into the DiT's timestep).
+        sampling = model.get_model_object("model_sampling")
+        sigmas = flow_sigmas(steps, shift or float(sampling.shift), denoise=denoise)
+        noise = seeded_noise(shape, seed, batch_index_of(latent_image))
+        preview = latent_preview.prepare_callback(model, steps)
+
+        unsupported = waifu_host.unsupported_patches(model)
+        if unsupported:
+            # ComfyUI's own sampler loop honours every patch; ours would silently skip them.
+            logging.warning("comfyui-waifu: LinearDiTSampler: the MODEL carries %s, which the fused flow-Euler loop "
+                            "cannot apply; sampling with ComfyUI's euler sampler on the same sigmas instead",
+                            ", ".join(unsupported))
+            raw = start if start is not None else torch.zeros(shape)
+            out = sample_custom(model, noise, cfg, sampler_object("euler"), sigmas, positive, negative, raw,
+                                noise_mask=latent_image.get("noise_mask") if latent_image is not None else None,
+                                callback=preview, disable_pbar=True, seed=seed)
+            return (_latent_out(latent_image, out.to(mm.intermediate_device())),)
+
+        start_in = None if start is None else fmt.process_in(start.float())
+        x = noise if start_in is None or sigmas[0] == 1.0 else sigmas[0] * noise + (1 - sigmas[0]) * start_in
+        inpaint = None if mask is None else (mask, noise, start_in)
 
         cond, cond_mask = _cond(positive, shape[0], "positive")
         uncond, uncond_mask = _cond(negative, shape[0], "negative")
@@ -151,7 +174,6 @@ class LinearDiTSampler:
         device = model.load_device
         dit = base.diffusion_model
         dtype = base.manual_cast_dtype or base.get_dtype()
-        preview = latent_preview.prepare_callback(model, steps)
 
         def callback(i, x0, x_next):
             preview(i, x0, x_next, steps)
@@ -161,8 +183,16 @@ class LinearDiTSampler:
         with torch.inference_mode():
             out = sample_flow_euler_fast(dit, x.to(device), sigmas.to(device), cond.to(device), cond_mask.to(device),
                                          uncond.to(device), uncond_mask.to(device), cfg, callback,
-                                         interrupt=mm.throw_exception_if_processing_interrupted, dtype=dtype)
-        return ({"samples": fmt.process_out(out).to(mm.intermediate_device())},)
+                                         interrupt=mm.throw_exception_if_processing_interrupted, dtype=dtype,
+                                         inpaint=inpaint, timestep_scale=float(sampling.multiplier))
+        return (_latent_out(latent_image, fmt.process_out(out).to(mm.intermediate_device())),)
+
+
+def _latent_out(latent_image, samples):
+    """KSampler's output convention: the input LATENT's other keys (noise_mask, batch_index) carried over."""
+    out = dict(latent_image) if latent_image is not None else {}
+    out["samples"] = samples
+    return out
 
 
 class WaifuEmptyLatent:

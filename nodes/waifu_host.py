@@ -59,3 +59,36 @@ def load_dit(path: Path, dtype_choice: str = "auto", default_shift: float = MODE
     return ModelPatcher(model, load_device=load_device, offload_device=offload_device)
 
 
+
+
+# ModelPatcher state the fused loop honours: the model-sampling object patch (shift, multiplier) and weight
+# patches (LoRA), which load_models_gpu applies to the weights the loop runs on.
+_HONOURED_OBJECTS = {"model_sampling"}
+
+
+def unsupported_patches(model) -> list[str]:
+    """Names of the MODEL's patches that our fused loop would not apply (sampler wrappers, CFG functions,
+    attention/block patches, other object patches, hooks), as a user can recognise them."""
+    found = []
+    opts = getattr(model, "model_options", {}) or {}
+    for key, value in opts.items():
+        if key == "transformer_options":
+            for tkey, tvalue in (value or {}).items():
+                if tkey in ("patches", "patches_replace") and tvalue:
+                    for kind, entries in tvalue.items():
+                        if entries:
+                            found.append(f"transformer_options.{tkey}.{kind}")
+                elif tkey in ("wrappers", "callbacks") and any(tvalue.values()):
+                    found.append(f"transformer_options.{tkey}")
+        elif key.startswith("disable_cfg1_optimization"):
+            continue
+        elif value is not None and value != [] and value != {}:
+            found.append(key)
+    found += [f"object patch {k}" for k in getattr(model, "object_patches", {}) if k not in _HONOURED_OBJECTS]
+    for attr in ("wrappers", "callbacks"):
+        entries = getattr(model, attr, None) or {}
+        if any(bool(v) for v in entries.values()):
+            found.append(f"model {attr}")
+    if getattr(model, "hook_patches", None):
+        found.append("hook patches")
+    return found

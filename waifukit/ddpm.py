@@ -16,6 +16,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .latents import batch_noise
+
 
 @dataclass
 class DDPMParams:
@@ -232,6 +234,16 @@ class DiscreteSchedule:
         x0 = self._clip(x0)
         return a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps, x0
 
+    def as_output(self, x0: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
+        """The model output (of this prediction type) whose x0 estimate at ``sample`` is ``x0``."""
+        a, b = self.alphas_cumprod[t], 1 - self.alphas_cumprod[t]
+        kind = self.params.prediction_type
+        if kind == "epsilon":
+            return (sample - a ** 0.5 * x0) / b ** 0.5
+        if kind == "v_prediction":
+            return (a ** 0.5 * sample - x0) / b ** 0.5
+        return x0
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
         a = self.alphas_cumprod[t].to(x0.dtype)
         return a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
@@ -244,13 +256,21 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def sample(model_fn: ModelFn, schedule: DiscreteSchedule, shape, steps: int, generator: torch.Generator,
            sampler: str = "ddpm", start: Optional[torch.Tensor] = None, denoise: float = 1.0, device=None,
-           callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None) -> torch.Tensor:
+           callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+           batch_index=None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The reference loop: x_T = randn(shape, generator) then ``steps`` scheduler steps; the state stays
     float32 on ``device``; noise is always drawn on the (CPU) generator and moved.
 
     ``denoise`` < 1 with ``start`` (x0 latents, model space): ComfyUI's convention, the last ``steps`` of a
     ``steps/denoise`` schedule, with ``start`` noised to the first of them by the same initial draw.
-    ``callback(i, x0_estimate, x)`` runs after each step."""
+    ``callback(i, x0_estimate, x)`` runs after each step.
+
+    ``batch_index`` (a LATENT's): the initial draw is made per index as ComfyUI's prepare_noise does (the DDPM
+    steps' noise then continues on the generator for the whole batch). ``mask`` ([B,C,h,w], 1 = resample; needs
+    ``start``): ComfyUI's noise_mask convention (comfy/samplers.py ``KSamplerX0Inpaint``): where it is 0 the
+    model sees ``start`` noised to the current timestep with the initial noise, and the step uses ``start`` as
+    the x0 estimate there, relative to the unblended state. With ddim this is k-diffusion's Euler on ComfyUI's
+    sigmas, step for step."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if not 0.0 < denoise <= 1.0:
@@ -258,12 +278,23 @@ def sample(model_fn: ModelFn, schedule: DiscreteSchedule, shape, steps: int, gen
     total = steps if denoise >= 1.0 else max(steps, int(steps / denoise))
     ts = schedule.timesteps(total)
     ts = ts[-steps:] if total != steps else ts
-    x = torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
-    if start is not None and total != steps:
+    x = batch_noise(shape, generator, batch_index)
+    if mask is not None:
+        if start is None:
+            raise ValueError("a noise mask needs the input latent (latent_image) it keeps")
+        dev = device if device is not None else x.device
+        mask, keep, noise0, kept = mask.float().to(dev), (1.0 - mask.float()).to(dev), x.to(dev), start.float().to(dev)
+    if start is not None and (total != steps or mask is not None):
+        # With a mask KSampler always starts from the input noised to the first timestep (with "leading"
+        # spacing that timestep is below the training maximum, so some of the input shows through).
         x = schedule.add_noise(start.float().cpu(), x, int(ts[0]))
     x = x.to(device) if device is not None else x
     for i, t in enumerate(ts.tolist()):
-        out = model_fn(x, torch.full((x.shape[0],), float(t), device=x.device)).float()
+        x_model = x if mask is None else x * mask + schedule.add_noise(kept, noise0, t) * keep
+        out = model_fn(x_model, torch.full((x.shape[0],), float(t), device=x.device)).float()
+        if mask is not None:
+            x0 = schedule._x0(out, t, x_model) * mask + kept * keep
+            out = schedule.as_output(x0, t, x)
         if sampler == "ddpm":
             prev_t = int(ts[i + 1]) if i + 1 < len(ts) else -1
             noise = torch.randn(tuple(out.shape), generator=generator, dtype=torch.float32) if t > 0 else None

@@ -51,14 +51,22 @@ def sample_flow_euler_fast(dit: LinearDiT, x: torch.Tensor, sigmas: torch.Tensor
                            callback: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
                            compile: bool = False, cuda_graph: bool = False,
                            interrupt: Optional[Callable[[], None]] = None,
-                           dtype: Optional[torch.dtype] = None, trim: bool = True) -> torch.Tensor:
+                           dtype: Optional[torch.dtype] = None, trim: bool = True,
+                           inpaint: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+                           timestep_scale: float = 1000.0) -> torch.Tensor:
     """Euler over ``sigmas`` from x at sigmas[0]; returns x (fp32) at sigmas[-1].
 
     Same arguments and semantics as :func:`waifukit.flow.sample_flow_euler`, with the model object instead of a
     ``model_fn``: CFG as one [uncond, cond] batch, v = v_u + cfg (v_c - v_u), cfg == 1 skips the unconditional
     half, state in fp32. ``callback(i, x0_estimate, x_next)`` and ``interrupt()`` (which may raise to stop) run every
     step. ``dtype`` is the model's compute dtype (default: the weights' dtype); inputs are cast to it like the
-    ComfyUI node's ``model_fn`` does. ``cuda_graph`` is ignored off CUDA."""
+    ComfyUI node's ``model_fn`` does. ``cuda_graph`` is ignored off CUDA.
+
+    ``inpaint = (mask, noise, latent)`` (all shaped like x; latent in model space) is ComfyUI's noise_mask
+    convention (comfy/samplers.py ``KSamplerX0Inpaint`` around k-diffusion's ``sample_euler``): where mask is 0
+    the model sees the input latent re-noised to the current sigma and its x0 estimate is replaced by the
+    latent; the Euler step then runs on the unblended state. ``timestep_scale`` is the model sampling's
+    multiplier (the DiT sees multiplier * sigma)."""
     use_cfg = uncond is not None and cfg != 1.0
     if use_cfg:
         mask = None if cond_mask is None else torch.cat([uncond_mask, cond_mask])
@@ -78,16 +86,28 @@ def sample_flow_euler_fast(dit: LinearDiT, x: torch.Tensor, sigmas: torch.Tensor
         context, mask = trim_padding(context, mask)
     want_x0 = callback is not None
     batch = 2 * x.shape[0] if use_cfg else x.shape[0]
+    if inpaint is not None:
+        inp_mask, inp_noise, inp_latent = (t.to(device=device, dtype=torch.float32) for t in inpaint)
+        keep = 1.0 - inp_mask
 
     with torch.no_grad():
         cache = dit.encode_context(context.to(device), None if mask is None else mask.to(device), dtype=dtype)
 
         def step(x_cur: torch.Tensor, i: torch.Tensor):
             s = sig.index_select(0, i)                    # device-side: no .item()
-            x_in = torch.cat([x_cur, x_cur]) if use_cfg else x_cur
-            t = (s * 1000.0).expand(batch)
+            x_model = x_cur
+            if inpaint is not None:
+                x_model = x_cur * inp_mask + (s * inp_noise + (1.0 - s) * inp_latent) * keep
+            x_in = torch.cat([x_model, x_model]) if use_cfg else x_model
+            t = (s * timestep_scale).expand(batch)
             v = dit(x_in.to(dtype), t, None, kv_cache=cache)
-            return kernels.cfg_euler(x_cur, v, sig, i, cfg, want_x0)
+            if inpaint is None:
+                return kernels.cfg_euler(x_cur, v, sig, i, cfg, want_x0)
+            _, x0 = kernels.cfg_euler(x_model, v, sig, i, cfg, True)
+            x0 = x0 * inp_mask + inp_latent * keep
+            # k-diffusion's Euler: d = (x - x0) / sigma on the loop state, not on the blended model input.
+            x_next = x_cur + (x_cur - x0) / s * (sig.index_select(0, i + 1) - s)
+            return x_next, x0
 
         step_fn = torch.compile(step, dynamic=False) if compile else step
         i_dev = torch.zeros(1, dtype=torch.long, device=device)

@@ -1,0 +1,181 @@
+"""Our samplers honour the LATENT and MODEL conventions the stock KSampler honours, in a real ComfyUI server
+(both hosts): noise_mask (Set Latent Noise Mask), batch_index (Latent From Batch), img2img (denoise < 1) and
+model-sampling / other model patches. Each check compares against the STOCK KSampler on our MODEL in the same
+workflow, within the pack's pixel bound (mean abs diff <= 1/255, max <= 8/255 on uint8), and has a control
+that moves the image well past that bound.
+
+Stock sampler settings that do our samplers' math: LinearDiTSampler = KSampler euler + normal (diffusers'
+flow schedule on ComfyUI's discrete-flow sigmas); SDXSSampler ddim = KSampler euler + ddim_uniform (DDIM eta 0
+is Euler on the VE sigmas; ddim_uniform gives diffusers' "leading" timesteps with steps_offset 1).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from comfy_host import ComfyHost  # noqa: E402
+
+from fixtures.catalog import install_waifu  # noqa: E402
+from fixtures.sdxs_snapshot import install_sdxs  # noqa: E402
+from host_checks import assert_pixels_match, run_ok  # noqa: E402
+
+pytestmark = pytest.mark.host
+
+WAIFU = json.loads((ROOT / "example_workflows" / "waifu_t2i.api.json").read_text())
+SDXS = json.loads((ROOT / "example_workflows" / "sdxs_t2i.api.json").read_text())
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory, comfy_host):
+    base = tmp_path_factory.mktemp(f"conventions-{comfy_host.name}")
+    install_waifu(base / "models")
+    install_sdxs(base / "models")
+    h = ComfyHost(base, comfy_host).start()
+    yield h
+    h.stop()
+
+
+def far(a: np.ndarray, b: np.ndarray, at_least: float = 5.0):
+    """Control: the two images differ by far more than the parity bound (mean abs diff in /255)."""
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64)).mean()
+    print(f"control diff: mean {diff:.3f}/255")
+    assert diff > at_least, f"control moved the image only {diff:.3f}/255"
+
+
+def base_graph(family: str) -> dict:
+    """Loader + prompts + a source image made by our sampler (node 4), decoded by node 5 and saved by 6."""
+    wf = copy.deepcopy(WAIFU if family == "waifu" else SDXS)
+    wf["4"]["inputs"].update(seed=1, steps=2, width=SIZE, height=SIZE)
+    if family == "sdxs":
+        wf["4"]["inputs"]["sampler"] = "ddim"
+    return wf
+
+
+def ours(family: str, seed: int, steps: int, denoise: float, latent) -> dict:
+    inputs = {"model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "seed": seed, "steps": steps,
+              "cfg": 4.5 if family == "waifu" else 5.5, "width": SIZE, "height": SIZE, "batch_size": 1,
+              "denoise": denoise, "latent_image": latent}
+    if family == "waifu":
+        return {"class_type": "LinearDiTSampler", "inputs": dict(inputs, shift=0.0)}
+    return {"class_type": "SDXSSampler", "inputs": dict(inputs, sampler="ddim")}
+
+
+def stock(family: str, seed: int, steps: int, denoise: float, latent, model=("1", 0)) -> dict:
+    return {"class_type": "KSampler", "inputs": {
+        "model": list(model), "positive": ["2", 0], "negative": ["3", 0], "latent_image": latent, "seed": seed,
+        "steps": steps, "cfg": 4.5 if family == "waifu" else 5.5, "sampler_name": "euler",
+        "scheduler": "normal" if family == "waifu" else "ddim_uniform", "denoise": denoise}}
+
+
+def decode_to_save(wf: dict, node: str) -> dict:
+    wf["5"]["inputs"]["samples"] = [node, 0]
+    return wf
+
+
+def with_mask(wf: dict) -> list:
+    """A pixel mask (stock SolidMask + MaskComposite) resampling a 48-px band (not on the latent grid, so the
+    bilinear resize gives fractional edges); the rest keeps the source latent. Returns the masked LATENT link."""
+    wf["20"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": SIZE, "height": SIZE}}
+    wf["21"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 52, "height": SIZE}}
+    wf["22"] = {"class_type": "MaskComposite", "inputs": {"destination": ["20", 0], "source": ["21", 0], "x": 36,
+                                                          "y": 0, "operation": "add"}}
+    wf["23"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["4", 0], "mask": ["22", 0]}}
+    return ["23", 0]
+
+
+FAMILIES = ["waifu", "sdxs"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("denoise", [0.6, 1.0])
+def test_noise_mask_matches_stock_ksampler(host, family, denoise):
+    """Set Latent Noise Mask into our sampler gives the stock KSampler's inpainting on our MODEL."""
+    wf = base_graph(family)
+    masked = with_mask(wf)
+    wf["24"] = ours(family, 5, 4, denoise, masked)
+    mine = run_ok(host, decode_to_save(wf, "24"))[0]
+    wf["24"] = stock(family, 5, 4, denoise, masked)
+    assert_pixels_match(mine, run_ok(host, wf)[0])
+    # Control: the same run without the mask (the old behaviour: the mask ignored) is far off.
+    wf["24"] = ours(family, 5, 4, denoise, ["4", 0])
+    far(run_ok(host, wf)[0], mine)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_img2img_matches_stock_ksampler(host, family):
+    wf = base_graph(family)
+    wf["24"] = ours(family, 3, 4, 0.5, ["4", 0])
+    mine = run_ok(host, decode_to_save(wf, "24"))[0]
+    wf["24"] = stock(family, 3, 4, 0.5, ["4", 0])
+    assert_pixels_match(mine, run_ok(host, wf)[0])
+    wf["24"] = ours(family, 3, 4, 0.8, ["4", 0])  # control: another denoise
+    far(run_ok(host, wf)[0], mine)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_index_reproduces_one_image_of_a_batch(host, family):
+    """Image k of a batch of 4 (Latent From Batch sets batch_index 0..3) comes back alone from
+    Latent From Batch(k, 1), as with the stock KSampler; a plain 1-image latent (no batch_index) is the control."""
+    k = 2
+    # KSampler's ddim_uniform starts below the training sigma_max, so it scales the noise of an empty latent by
+    # sigma_t / sqrt(1 + sigma_t^2), which is SDXSSampler's img2img of zeros (an all-zero LATENT is not shifted
+    # by the latent format, as in KSampler), not its text-to-image.
+    denoise = 1.0 if family == "waifu" else 0.5
+    wf = base_graph(family)
+    wf["30"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 4}}
+    wf["31"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["30", 0], "batch_index": 0, "length": 4}}
+    wf["24"] = ours(family, 8, 3, denoise, ["31", 0])
+    batch = run_ok(host, decode_to_save(wf, "24"))
+    assert len(batch) == 4
+    wf["31"]["inputs"].update(batch_index=k, length=1)
+    alone = run_ok(host, wf)
+    assert len(alone) == 1
+    assert_pixels_match(alone[0], batch[k])
+    wf["24"] = stock(family, 8, 3, denoise, ["31", 0])
+    assert_pixels_match(run_ok(host, wf)[0], alone[0])
+    wf["24"] = ours(family, 8, 3, denoise, ["30", 0])
+    wf["30"]["inputs"]["batch_size"] = 1  # control: without batch_index a single latent takes the first draw
+    far(run_ok(host, wf)[0], alone[0])
+
+
+@pytest.mark.parametrize("patch,inputs", [("ModelSamplingSD3", {"shift": 6.0}),
+                                          ("ModelSamplingAuraFlow", {"shift": 1.5})])
+def test_model_sampling_patch_followed(host, patch, inputs):
+    """A stock model-sampling patch on our MODEL changes KSampler's schedule (and, for AuraFlow, the timestep
+    multiplier); LinearDiTSampler (shift 0 = the MODEL's) follows it."""
+    wf = base_graph("waifu")
+    wf["40"] = {"class_type": patch, "inputs": dict(inputs, model=["1", 0])}
+    wf["4"]["inputs"].update(model=["40", 0], seed=6, steps=4)
+    mine = run_ok(host, wf)[0]
+    wf["24"] = stock("waifu", 6, 4, 1.0, ["41", 0], model=("40", 0))
+    wf["41"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}}
+    assert_pixels_match(mine, run_ok(host, decode_to_save(wf, "24"))[0])
+    wf["4"]["inputs"]["model"] = ["1", 0]  # control: the unpatched model
+    far(run_ok(host, decode_to_save(wf, "4"))[0], mine)
+    assert "cannot apply" not in host.log_tail(400)
+
+
+def test_unsupported_patch_warns_once_and_is_honoured(host):
+    """A patch our fused loop cannot run (stock RescaleCFG sets sampler_cfg_function) is named in one warning,
+    and the sampler falls back to ComfyUI's own loop, so the image is the stock KSampler's."""
+    wf = base_graph("waifu")
+    wf["40"] = {"class_type": "RescaleCFG", "inputs": {"model": ["1", 0], "multiplier": 1.0}}
+    wf["4"]["inputs"].update(model=["40", 0], seed=12, steps=4)
+    before = host.log_tail(10_000).count("cannot apply")
+    mine = run_ok(host, wf)[0]
+    log = host.log_tail(10_000)
+    assert log.count("cannot apply") == before + 1
+    assert "sampler_cfg_function" in [line for line in log.splitlines() if "cannot apply" in line][-1]
+    wf["41"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}}
+    wf["24"] = stock("waifu", 12, 4, 1.0, ["41", 0], model=("40", 0))
+    assert_pixels_match(mine, run_ok(host, decode_to_save(wf, "24"))[0])
+    wf["4"]["inputs"]["model"] = ["1", 0]  # control: without the patch
+    far(run_ok(host, decode_to_save(wf, "4"))[0], mine)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import comfy.cli_args
 import comfy.conds
 import comfy.latent_formats
+import comfy.lora
 import comfy.model_base
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -76,6 +77,10 @@ SURFACE = (
     Use("comfy.model_sampling.V_PREDICTION", call=False),
     Use("comfy.model_sampling.X0", call=False),
     Use("comfy.model_patcher.ModelPatcher.get_model_object", 2),
+    # LoRA: core's loader reads the adapter tensors; the patches go on a clone (base MODEL unchanged)
+    Use("comfy.lora.load_lora", 2, ("log_missing",)),
+    Use("comfy.model_patcher.ModelPatcher.clone", 1),
+    Use("comfy.model_patcher.ModelPatcher.add_patches", 3),
     # the stock sampler loop, for MODELs whose patches our fused loops cannot apply
     Use("comfy.sample.sample_custom", 8, ("noise_mask", "callback", "disable_pbar", "seed")),
     Use("comfy.samplers.sampler_object", 1),
@@ -158,8 +163,10 @@ ProgressBar = comfy.utils.ProgressBar
 cli_args = comfy.cli_args.args
 LatentPreviewMethod = comfy.cli_args.LatentPreviewMethod
 sample_custom = comfy.sample.sample_custom
+load_lora = comfy.lora.load_lora
 sampler_object = comfy.samplers.sampler_object
 
 __all__ = ["SURFACE", "check_surface", "host_version", "mm", "folder_paths", "latent_preview", "ModelPatcher",
-           "BaseModel", "ModelType", "ModelSamplingDiscrete", "EPS", "V_PREDICTION", "X0", "BASE", "CONDRegular", "LatentFormat", "disable_weight_init", "ProgressBar",
-           "cli_args", "LatentPreviewMethod", "sample_custom", "sampler_object"]
+           "BaseModel", "ModelType", "ModelSamplingDiscrete", "EPS", "V_PREDICTION", "X0", "BASE", "CONDRegular",
+           "LatentFormat", "disable_weight_init", "ProgressBar", "cli_args", "LatentPreviewMethod", "sample_custom",
+           "sampler_object", "load_lora"]

@@ -195,6 +195,34 @@ def _latent_out(latent_image, samples):
     return out
 
 
+class LinearDiTLoraLoader:
+    DESCRIPTION = ("Applies a LoRA to a Waifu/Sana Linear DiT MODEL through ComfyUI's patch system, from any of "
+                   "the layouts Sana LoRAs come in: diffusers/PEFT (train_dreambooth_lora_sana.py, SimpleTuner, "
+                   "ai-toolkit), kohya (lora_unet_..., .alpha) or ComfyUI's (diffusion_model.<key>). Split q/k/v "
+                   "map into our fused projections. Keys that match nothing are named in a warning.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A Waifu Linear DiT (the input MODEL itself stays unpatched)."}),
+            "lora_name": (folder_paths.get_filename_list("loras"),
+                          {"tooltip": "A LoRA file in models/loras (.safetensors preferred)."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                   "tooltip": "LoRA scale (diffusers' lora_scale); 0 returns the MODEL unchanged."}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The MODEL with the LoRA patched in (applied when a sampler loads it).",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, model, lora_name, strength):
+        path = model_file("loras", lora_name)
+        if strength == 0:  # as the stock LoRA loaders: nothing to patch
+            return (model,)
+        return (waifu_host.apply_lora(model, path, strength),)
+
+
 class WaifuEmptyLatent:
     DESCRIPTION = "An empty 16-channel latent at one of Waifu's 64-px aspect buckets (sides 384-768)."
     _LABELS = [bucket_label(w, h) for w, h in WAIFU_BUCKETS]
@@ -222,4 +250,5 @@ NODES = {
     "LinearDiTLoader": (LinearDiTLoader, "Load Linear DiT (Waifu)"),
     "LinearDiTSampler": (LinearDiTSampler, "Linear DiT Sampler (flow-Euler)"),
     "WaifuEmptyLatent": (WaifuEmptyLatent, "Empty Waifu Latent (aspect buckets)"),
+    "LinearDiTLoraLoader": (LinearDiTLoraLoader, "Load LoRA (Linear DiT / Waifu)"),
 }

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 
-from ..waifukit import loading
+from ..waifukit import loading, lora
 from ..waifukit.registry import MODELS
 from ..waifukit.sana import LinearDiT
 from .common import param_count, pick_dtype
 from .vae16_host import Latent16
-from .core_api import BASE, BaseModel, CONDRegular, ModelPatcher, ModelType, mm
+from .core_api import BASE, BaseModel, CONDRegular, ModelPatcher, ModelType, load_lora, mm
 
 
 class WaifuConfig(BASE):
@@ -92,3 +92,34 @@ def unsupported_patches(model) -> list[str]:
     if getattr(model, "hook_patches", None):
         found.append("hook patches")
     return found
+
+
+def apply_lora(model, path: Path, strength: float):
+    """A clone of ``model`` with the LoRA file at ``path`` added as weight patches at ``strength`` (ComfyUI's
+    patch system: the base MODEL stays unpatched for other branches). Every LoRA layout of waifukit.lora maps;
+    keys that map to nothing are named in a warning, and a file where nothing maps is refused."""
+    sd = loading.read_state_dict(path)
+    metadata = None
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+    try:
+        sd.update(lora.peft_alphas(sd, metadata))
+    except ValueError as e:
+        raise loading.CheckpointError(f"{path}: {e}") from None
+    shapes = {k: tuple(v.shape) for k, v in model.model.diffusion_model.state_dict().items()}
+    mapping = lora.key_map(shapes)
+    missing = lora.unmatched(sd, mapping)
+    if len(missing) == len(sd):
+        raise loading.CheckpointError(
+            f"{path}: none of its {len(sd)} tensors names a module of this Linear DiT (first: "
+            f"{', '.join(missing[:3])}); it is not a Waifu/Sana LoRA in the diffusers (PEFT), kohya or ComfyUI layout")
+    if missing:
+        logging.warning("comfyui-waifu: LoRA %s: %d key(s) match no module of the Linear DiT and are NOT applied: %s",
+                        path.name, len(missing), ", ".join(missing))
+    present = {lora.prefix_of(k) for k in sd}
+    patches = load_lora(sd, {p: t for p, t in mapping.items() if p in present}, log_missing=False)
+    patched = model.clone()
+    patched.add_patches(patches, strength)
+    return patched

@@ -33,6 +33,15 @@ def pick_dtype(choice: str, device, auto):
 
 
 
+# ComfyUI's UNETLoader choices: weights stored in fp8, computed in the `dtype` widget's dtype (cast per layer).
+WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn,
+                 "fp8_e5m2": torch.float8_e5m2}
+WEIGHT_DTYPE_INPUT = (list(WEIGHT_DTYPES), {"default": "default",
+                                            "tooltip": "Weight storage, as ComfyUI's UNETLoader: fp8 halves the "
+                                                       "resident weights against bf16 (computed in `dtype`, cast "
+                                                       "per layer; slightly different images). _fast also uses "
+                                                       "fp8 matmuls on GPUs that have them."})
+
 TEXT_DEVICE_INPUT = (["default", "cpu"], {"default": "default",
                                           "tooltip": "Where the text encoder runs: default follows ComfyUI's model "
                                                      "management; cpu keeps it off the GPU to save VRAM."})

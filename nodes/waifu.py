@@ -16,7 +16,7 @@ from ..waifukit.loading import is_waifu_snapshot
 from ..waifukit.registry import FETCH_HINT, MODELS, WAIFU_BUCKETS, bucket_label
 from . import mexma_host, vae16_host, waifu_host
 from .common import (BATCH_SIZE_INPUT, CATEGORY, DENOISE_INPUT, DTYPE_INPUT, LATENT_IMAGE_INPUT, RAW_LATENT_TOOLTIP,
-                     TEXT_DEVICE_INPUT, check_side, diffusers_folder, diffusers_folders, model_file, start_latent)
+                     TEXT_DEVICE_INPUT, WEIGHT_DTYPE_INPUT, check_side, diffusers_folder, diffusers_folders, model_file, start_latent)
 from .core_api import folder_paths, latent_preview, mm, sample_custom, sampler_object
 
 WAIFU_DEFAULTS = MODELS["waifu-2b"]
@@ -33,7 +33,7 @@ class WaifuSnapshotLoader:
                          {"tooltip": "A folder under models/diffusers with transformer/, text_encoder/, tokenizer/, "
                                      "vae/ and scheduler/. " + FETCH_HINT}),
             "dtype": DTYPE_INPUT,
-        }, "optional": {"text_encoder_device": TEXT_DEVICE_INPUT}}
+        }, "optional": {"text_encoder_device": TEXT_DEVICE_INPUT, "weight_dtype": WEIGHT_DTYPE_INPUT}}
 
     RETURN_TYPES = ("MODEL", "MEXMA_SIGLIP", "VAE")
     RETURN_NAMES = ("model", "text_encoder", "vae")
@@ -43,10 +43,10 @@ class WaifuSnapshotLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, snapshot, dtype, text_encoder_device="default"):
+    def load(self, snapshot, dtype, text_encoder_device="default", weight_dtype="default"):
         root = diffusers_folder(snapshot, is_waifu_snapshot,
                                 "Waifu snapshot (needs transformer/, text_encoder/, tokenizer/, vae/, scheduler/)")
-        return (waifu_host.load_dit(root, dtype), mexma_host.load_text_encoder(root, dtype, device=text_encoder_device),
+        return (waifu_host.load_dit(root, dtype, weight_dtype=weight_dtype), mexma_host.load_text_encoder(root, dtype, device=text_encoder_device),
                 vae16_host.load_vae(root / "vae", dtype))
 
 
@@ -60,15 +60,15 @@ class LinearDiTLoader:
                           {"tooltip": "A file in models/diffusion_models: the waifu-2b transformer "
                                       "(.safetensors) or an original Sana-layout checkpoint (.safetensors or .pth)."}),
             "dtype": DTYPE_INPUT,
-        }}
+        }, "optional": {"weight_dtype": WEIGHT_DTYPE_INPUT}}
 
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The Linear DiT with flow sampling (shift 3.0 unless a sampler overrides it).",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, unet_name, dtype):
-        return (waifu_host.load_dit(model_file("diffusion_models", unet_name), dtype),)
+    def load(self, unet_name, dtype, weight_dtype="default"):
+        return (waifu_host.load_dit(model_file("diffusion_models", unet_name), dtype, weight_dtype=weight_dtype),)
 
 
 def _check_size(name: str, value: int):

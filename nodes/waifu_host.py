@@ -13,7 +13,7 @@ import torch
 from ..waifukit import loading, lora
 from ..waifukit.registry import MODELS
 from ..waifukit.sana import LinearDiT
-from .common import param_count, pick_dtype
+from .common import WEIGHT_DTYPES, param_count, pick_dtype
 from .vae16_host import Latent16
 from .core_api import BASE, BaseModel, CONDRegular, ModelPatcher, ModelType, load_lora, mm
 
@@ -42,8 +42,10 @@ class WaifuDiT(BaseModel):
         return out
 
 
-def load_dit(path: Path, dtype_choice: str = "auto", default_shift: float = MODELS["waifu-2b"]["default_shift"]):
-    """A ComfyUI MODEL (ModelPatcher around WaifuDiT) from any supported transformer layout."""
+def load_dit(path: Path, dtype_choice: str = "auto", default_shift: float = MODELS["waifu-2b"]["default_shift"],
+             weight_dtype: str = "default"):
+    """A ComfyUI MODEL (ModelPatcher around WaifuDiT) from any supported transformer layout. ``weight_dtype``
+    (WEIGHT_DTYPES) stores the weights in fp8 and computes in the chosen dtype, as ComfyUI's UNETLoader does."""
     res = loading.resolve_linear_dit(path)
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     supported = WaifuConfig.supported_inference_dtypes
@@ -51,6 +53,12 @@ def load_dit(path: Path, dtype_choice: str = "auto", default_shift: float = MODE
                        lambda: mm.unet_dtype(model_params=param_count(res.state_dict), supported_dtypes=supported))
     manual_cast = mm.unet_manual_cast(dtype, load_device, supported)
     config = WaifuConfig(res.params, res.extra["shift"] or default_shift)
+    storage = WEIGHT_DTYPES[weight_dtype]
+    if storage is not None:
+        # fp8 storage; compute as the same load without fp8 would (dtype, or its manual cast where the device
+        # lacks it): every layer casts its weights on the fly (comfy.ops manual cast).
+        manual_cast, dtype = manual_cast or dtype, storage
+        config.optimizations["fp8"] = weight_dtype.endswith("_fast")
     config.set_inference_dtype(dtype, manual_cast)
     model = WaifuDiT(config, device=offload_device)
     loading.load_strict(model.diffusion_model, res.state_dict, res.source)

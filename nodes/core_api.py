@@ -92,6 +92,8 @@ SURFACE = (
     Use("comfy.supported_models_base.BASE", 1),
     Use("comfy.supported_models_base.BASE.set_inference_dtype", 3),
     Use("comfy.conds.CONDRegular", 1),
+    Use("comfy.conds.CONDRegular.can_concat", 2),  # we override both (waifu_host.CONDTokens); core calls them
+    Use("comfy.conds.CONDRegular.concat", 2),
     Use("comfy.latent_formats.LatentFormat", call=False),
     Use("comfy.ops.disable_weight_init", call=False),
     Use("comfy.utils.ProgressBar", 1),

@@ -12,6 +12,7 @@ import torch
 
 from ..waifukit import loading, lora
 from ..waifukit.registry import MODELS
+from ..waifukit.fused import token_mask
 from ..waifukit.sana import LinearDiT
 from .common import WEIGHT_DTYPES, param_count, pick_dtype
 from .vae16_host import Latent16
@@ -30,15 +31,40 @@ class WaifuConfig(BASE):
         self.sampling_settings = {"shift": float(shift), "multiplier": 1000}
 
 
+class CONDTokens(CONDRegular):
+    """A per-token cond ([B, L, ...]: caption states or their mask) that batches with others of any length L.
+
+    MexmaSigLIPEncode emits each prompt at its own length, so a prompt and its negative rarely match. Core's
+    CONDCrossAttn would repeat the shorter caption up to the lcm of the lengths (refusing beyond 4x) and the
+    mask, a CONDRegular, would refuse any mismatch, so cond and uncond would run as separate model calls.
+    Here both the states and the mask are padded with zeros to the longest: the padded keys are masked (-10000
+    bias, softmax weight exactly 0), so one batched call gives the separate calls' result."""
+
+    def can_concat(self, other):
+        a, b = self.cond, other.cond
+        return (isinstance(other, CONDTokens) and a.ndim == b.ndim and a.shape[0] == b.shape[0]
+                and a.shape[2:] == b.shape[2:] and a.device == b.device)
+
+    def concat(self, others):
+        conds = [self.cond] + [o.cond for o in others]
+        n = max(c.shape[1] for c in conds)
+        return torch.cat([c if c.shape[1] == n else torch.cat([c, c.new_zeros((c.shape[0], n - c.shape[1],
+                                                                                 *c.shape[2:]))], dim=1)
+                          for c in conds])
+
+
 class WaifuDiT(BaseModel):
     def __init__(self, model_config, device=None):
         super().__init__(model_config, ModelType.FLOW, device=device, unet_model=LinearDiT)
 
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)
-        mask = kwargs.get("attention_mask")
-        if mask is not None:
-            out["attention_mask"] = CONDRegular(mask)
+        cross_attn = kwargs.get("cross_attn")
+        if cross_attn is not None:
+            # States and mask travel as a pair that pads together (CONDTokens); a missing mask is all ones, and
+            # one shorter than the states (ConditioningConcat keeps the first mask) is extended with ones.
+            out["c_crossattn"] = CONDTokens(cross_attn)
+            out["attention_mask"] = CONDTokens(token_mask(cross_attn, kwargs.get("attention_mask")))
         return out
 
 

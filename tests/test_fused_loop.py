@@ -75,6 +75,34 @@ def test_fast_loop_untrimmed_and_no_mask(dit):
         assert max_rel_err(out, ref) <= TOL
 
 
+def test_prompt_length_conds_give_the_padded_image(dit):
+    """Conds at their own lengths (23 and 3 tokens, masks of ones or none, as MexmaSigLIPEncode now emits) give the
+    latents of the 64-padded conds through the eager sampler (the reference path), within TOL; a ConditioningConcat
+    (context longer than its mask: the mask is extended with ones) equals the explicitly concatenated prompt."""
+    cond, cond_mask = _text(1, 64, [23], seed=1)
+    uncond, uncond_mask = _text(1, 64, [3], seed=2)
+    x = initial_noise([1, 16, 8, 12], 5)
+    sigmas = flow_sigmas(3, 3.0)
+    with torch.no_grad():
+        ref = _eager(dit, x, sigmas, cond, cond_mask, uncond, uncond_mask, 4.5)
+        short = (cond[:, :23], torch.ones(1, 23, dtype=torch.long), uncond[:, :3], torch.ones(1, 3, dtype=torch.long))
+        out = sample_flow_euler_fast(dit, x, sigmas, *short, 4.5)
+        err = max_rel_err(out, ref)
+        print(f"prompt-length conds vs 64-padded eager: max rel err {err:.3e}")
+        assert err <= TOL
+        assert max_rel_err(sample_flow_euler_fast(dit, x, sigmas, cond[:, :23], None, uncond[:, :3], None, 4.5),
+                           ref) <= TOL
+        # ConditioningConcat keeps the first mask: [1, 23] mask with a [1, 26] context -> 26 real tokens
+        cat = torch.cat([cond[:, :23], uncond[:, :3]], dim=1)
+        concat = sample_flow_euler_fast(dit, x, sigmas, cat, short[1], uncond[:, :3], None, 4.5)
+        explicit = _eager(dit, x, sigmas, cat, torch.ones(1, 26), uncond[:, :26], uncond_mask[:, :26], 4.5)
+        assert max_rel_err(concat, explicit) <= TOL
+        # control: a different prompt moves the latents far past the bound
+        assert max_rel_err(concat, ref) > 1e-2
+        with pytest.raises(ValueError, match="does not fit"):
+            sample_flow_euler_fast(dit, x, sigmas, cond[:, :3], cond_mask, uncond, uncond_mask, 4.5)
+
+
 def test_kv_cache_forward_equals_default_forward(dit):
     ctx, mask = _text(2, 20, [20, 5], seed=7)
     x = torch.randn(2, 16, 8, 6, generator=torch.Generator().manual_seed(8))

@@ -102,3 +102,28 @@ print("PROBLEMS", core_api.check_surface())
     out = res.stdout + res.stderr
     assert name in out and "differs from the versions this pack is tested on" in out, out[-3000:]
     print(next(line for line in out.splitlines() if line.startswith("PROBLEMS")))
+
+
+def test_prompt_length_conds_batch_in_core_sampler(comfy_host):
+    """A 23-token prompt and a 3-token negative (MexmaSigLIPEncode's own lengths) form one batch in core's sampler:
+    CONDTokens pads states and mask with zeros to the longest. Control: core's CONDCrossAttn + CONDRegular pair
+    (what the Waifu MODEL used before) refuses to batch them."""
+    out = run(comfy_host, """
+import comfy.conds, comfy.samplers
+from waifu_pack.nodes.waifu_host import CONDTokens
+g = torch.Generator().manual_seed(0)
+sa, sb = torch.randn(1, 23, 8, generator=g), torch.randn(1, 3, 8, generator=g)
+ma, mb = torch.ones(1, 23, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)
+ours = [{"c_crossattn": CONDTokens(s), "attention_mask": CONDTokens(m)} for s, m in ((sa, ma), (sb, mb))]
+assert comfy.samplers.cond_equal_size(*ours) and comfy.samplers.cond_equal_size(*ours[::-1])
+core = [{"c_crossattn": comfy.conds.CONDCrossAttn(s), "attention_mask": comfy.conds.CONDRegular(m)}
+        for s, m in ((sa, ma), (sb, mb))]
+assert not comfy.samplers.cond_equal_size(*core)
+states = ours[0]["c_crossattn"].concat([ours[1]["c_crossattn"]])
+mask = ours[0]["attention_mask"].concat([ours[1]["attention_mask"]])
+assert states.shape == (2, 23, 8) and torch.equal(states[1, :3], sb[0]) and not states[1, 3:].any()
+assert torch.equal(states[0], sa[0]) and mask.tolist() == [[1] * 23, [1] * 3 + [0] * 20]
+assert not CONDTokens(sa).can_concat(CONDTokens(torch.randn(2, 3, 8)))  # another batch size: not mergeable
+print("OK")
+""")
+    assert "OK" in out

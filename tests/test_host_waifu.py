@@ -292,3 +292,65 @@ def test_aura_decode_tiled_path(host):
     tiled = run_ok(host, wf)[0]
     assert tiled.shape == ours.shape
     assert np.corrcoef(tiled.ravel().astype(float), ours.ravel().astype(float))[0, 1] > 0.9
+
+
+def _ksampler(wf, positive, negative, seed=9, steps=3, cfg=4.5, size=(128, 128)):
+    wf["7"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": size[0], "height": size[1], "batch_size": 1}}
+    wf["4"] = {"class_type": "KSampler", "inputs": {
+        "model": ["1", 0], "seed": seed, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
+        "positive": positive, "negative": negative, "latent_image": ["7", 0], "denoise": 1.0}}
+    return wf
+
+
+def test_stock_conditioning_nodes_with_prompt_length_conds(host):
+    """Prompts are encoded at their own token lengths (here 16+ vs 2 for the empty negative): stock KSampler batches
+    them (CONDTokens pads at concat) and the stock conditioning nodes keep working on our MODEL, with these exact
+    equalities (pixel bounds of assert_pixels_match): Combine(A, A) == A; SetArea over the whole image == A;
+    Average(A, B, 1.0) == A; Concat(A, B) in KSampler == Concat(A, B) in LinearDiTSampler; and controls that
+    each changed conditioning moves the image far past the bound."""
+    def far(a, b):
+        d = np.abs(a.astype(float) - b.astype(float)).mean()
+        print(f"control diff: mean {d:.2f}/255")
+        return d > 3
+
+    base = workflow(seed=9, steps=3, cfg=4.5, width=128, height=128)
+    base["8"] = {"class_type": "MexmaSigLIPEncode", "inputs": {"text_encoder": ["1", 1],
+                                                               "text": "a castle on a hill at sunset"}}
+    plain = run_ok(host, _ksampler(copy.deepcopy(base), ["2", 0], ["3", 0]))[0]
+    assert_pixels_match(plain, run_ok(host, base)[0])  # KSampler (batched, padded at concat) == our sampler
+
+    def with_node(node, positive=("20", 0)):
+        wf = _ksampler(copy.deepcopy(base), list(positive), ["3", 0])
+        wf["20"] = node
+        return run_ok(host, wf)[0]
+
+    combined = with_node({"class_type": "ConditioningCombine",
+                          "inputs": {"conditioning_1": ["2", 0], "conditioning_2": ["2", 0]}})
+    assert_pixels_match(combined, plain)
+    mixed = with_node({"class_type": "ConditioningCombine",
+                       "inputs": {"conditioning_1": ["2", 0], "conditioning_2": ["8", 0]}})
+    assert far(mixed, plain)
+
+    area = with_node({"class_type": "ConditioningSetArea", "inputs": {
+        "conditioning": ["2", 0], "width": 128, "height": 128, "x": 0, "y": 0, "strength": 1.0}})
+    assert_pixels_match(area, plain)
+    wf = _ksampler(copy.deepcopy(base), ["21", 0], ["3", 0])
+    wf["20"] = {"class_type": "ConditioningSetArea", "inputs": {
+        "conditioning": ["8", 0], "width": 64, "height": 128, "x": 64, "y": 0, "strength": 1.0}}
+    wf["21"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["2", 0], "conditioning_2": ["20", 0]}}
+    assert far(run_ok(host, wf)[0], plain)
+
+    averaged = with_node({"class_type": "ConditioningAverage", "inputs": {
+        "conditioning_to": ["2", 0], "conditioning_from": ["8", 0], "conditioning_to_strength": 1.0}})
+    assert_pixels_match(averaged, plain)
+
+    concat = {"class_type": "ConditioningConcat", "inputs": {"conditioning_to": ["2", 0], "conditioning_from": ["8", 0]}}
+    in_ksampler = with_node(concat)
+    wf = copy.deepcopy(base)
+    wf["20"] = concat
+    wf["4"]["inputs"]["positive"] = ["20", 0]
+    assert_pixels_match(in_ksampler, run_ok(host, wf)[0])
+    assert far(in_ksampler, plain)
+
+    zero = with_node({"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["3", 0]}})
+    assert far(zero, plain)

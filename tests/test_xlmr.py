@@ -169,6 +169,37 @@ def test_padding_does_not_change_real_tokens_and_half_precision(batch):
             assert max_rel_err(out, ref) <= 5e-2
 
 
+def test_prompt_length_encoding_equals_512_padded(tok_dir, batch):
+    """The encoder's prompt-length path (pad_to_longest: tensors end at the longest prompt, nodes/mexma_host.py)
+    gives the 512-padded encoding's ids/mask (sliced) and, in fp32, its per-token states of every real token and its
+    <s> state (the pooled vector's input) within max rel err 1e-5; a changed prompt is far outside that bound."""
+    tok = XLMRTokenizer.from_path(tok_dir)
+    prompts = PROMPTS[:6]
+    ids, mask = tok(prompts, max_length=512, pad_to_longest=True)
+    n = int(batch[1][:6].sum(1).max())
+    assert ids.shape == (6, n) and n < 40
+    assert torch.equal(ids, batch[0][:6, :n]) and torch.equal(mask, batch[1][:6, :n])
+    assert (batch[1][:6, n:] == 0).all()
+    one_ids, _ = tok([""], pad_to_longest=True)
+    assert one_ids.tolist() == [[0, 2]]
+    long_ids, long_mask = tok(PROMPTS, max_length=512, pad_to_longest=True)
+    assert long_ids.shape == (len(PROMPTS), 512)  # the > 512-token prompt is still cut at 512
+
+    cfg, hf = _hf_model(1000, seed=3)
+    model = _ours(XLMRobertaParams.from_hf_config(cfg.to_dict()), hf.state_dict())
+    with torch.no_grad():
+        padded = model(batch[0][:6], batch[1][:6])
+        short = model(ids, mask)
+        real = mask.bool()
+        err = max_rel_err(short[real], padded[:, :n][real])
+        assert err <= 1e-5, err
+        assert max_rel_err(short[:, 0], padded[:, 0]) <= 1e-5
+        # control: another prompt in row 0 moves its states far past the bound
+        other_ids, other_mask = tok([prompts[1]] + prompts[1:], pad_to_longest=True)
+        moved = model(other_ids, other_mask)
+        assert max_rel_err(moved[0, :2], padded[0, :2]) > 1e-2
+
+
 # ----------------------------------------------------------------------------- errors
 
 

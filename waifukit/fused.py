@@ -44,6 +44,32 @@ def trim_padding(context: torch.Tensor, mask: Optional[torch.Tensor]):
     return context[:, :keep], m[:, :keep]
 
 
+def token_mask(context: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The [B, L] mask that goes with ``context`` [B, L, D]: all ones when absent; extended with ones when the
+    context is longer (ComfyUI's ConditioningConcat appends tokens and keeps the first conditioning's mask; the
+    MEXMA-SigLIP encoder emits prompts at their own length, so appended tokens are real ones)."""
+    B, L = context.shape[:2]
+    if mask is None:
+        return torch.ones((B, L), dtype=torch.long, device=context.device)
+    if mask.ndim == 3 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    if mask.ndim != 2 or mask.shape[1] > L or mask.shape[0] not in (1, B):
+        raise ValueError(f"attention_mask {tuple(mask.shape)} does not fit the conditioning {tuple(context.shape)}")
+    if mask.shape[1] < L:
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], L - mask.shape[1]))], dim=1)
+    return mask
+
+
+def pad_tokens(context: torch.Tensor, mask: torch.Tensor, length: int):
+    """``context``/``mask`` padded on the right to ``length`` tokens with zeros (masked: -10000 bias, softmax
+    weight exactly 0), so prompts of different lengths share one batch with the result of separate ones."""
+    extra = length - context.shape[1]
+    if extra <= 0:
+        return context, mask
+    context = torch.cat([context, context.new_zeros((context.shape[0], extra, *context.shape[2:]))], dim=1)
+    return context, torch.cat([mask, mask.new_zeros((mask.shape[0], extra))], dim=1)
+
+
 def sample_flow_euler_fast(dit: LinearDiT, x: torch.Tensor, sigmas: torch.Tensor,
                            cond: torch.Tensor, cond_mask: Optional[torch.Tensor],
                            uncond: Optional[torch.Tensor] = None, uncond_mask: Optional[torch.Tensor] = None,
@@ -69,6 +95,12 @@ def sample_flow_euler_fast(dit: LinearDiT, x: torch.Tensor, sigmas: torch.Tensor
     multiplier (the DiT sees multiplier * sigma)."""
     use_cfg = uncond is not None and cfg != 1.0
     if use_cfg:
+        if cond_mask is not None or uncond_mask is not None or cond.shape[1] != uncond.shape[1]:
+            # Prompts encoded at their own lengths: one [uncond, cond] batch, the shorter padded and masked.
+            cond_mask, uncond_mask = token_mask(cond, cond_mask), token_mask(uncond, uncond_mask)
+            n = max(cond.shape[1], uncond.shape[1])
+            cond, cond_mask = pad_tokens(cond, cond_mask, n)
+            uncond, uncond_mask = pad_tokens(uncond, uncond_mask, n)
         mask = None if cond_mask is None else torch.cat([uncond_mask, cond_mask])
         # Trim before concatenating: the padded [2B, 512, 1024] caption batch is never materialised.
         keep = _keep_len(mask) if trim else None

@@ -111,7 +111,9 @@ class XLMRTokenizer:
         return cls(tokenizer, pad_token=_pad_token(tokenizer, config), pipeline=pipeline,
                    add_prefix_space=bool(config.get("add_prefix_space", True)), source=file)
 
-    def __call__(self, texts, max_length: int = 512):
+    def __call__(self, texts, max_length: int = 512, pad_to_longest: bool = False):
+        """``pad_to_longest``: the tensors end at the longest encoding in the batch instead of at max_length
+        (the same ids and mask, minus all-padding columns: XLM-R costs ~linear-to-quadratic in the length)."""
         if isinstance(texts, str):
             texts = [texts]
         if max_length < 2:
@@ -119,8 +121,9 @@ class XLMRTokenizer:
         # Truncation is applied to the text part so that <s> ... </s> fits in max_length.
         self.tokenizer.enable_truncation(max_length=max_length)
         encodings = self.tokenizer.encode_batch(list(texts))
-        ids = torch.full((len(encodings), max_length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(encodings), max_length), dtype=torch.long)
+        width = max([len(e.ids) for e in encodings] + [1]) if pad_to_longest else max_length
+        ids = torch.full((len(encodings), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(encodings), width), dtype=torch.long)
         for i, enc in enumerate(encodings):
             n = len(enc.ids)
             ids[i, :n] = torch.tensor(enc.ids, dtype=torch.long)

@@ -149,6 +149,43 @@ def test_cfg_euler_kernel_matches_eager_twin(interp):
         assert r["rel"] <= 1e-6, r
 
 
+_TUNE_SCRIPT = r'''
+import json, torch
+from waifukit.kernels import triton_kernels as tk
+g = torch.Generator().manual_seed(5)
+res = []
+for dt in (torch.float32, torch.bfloat16):
+    qkv = (torch.randn(2, 1000, 3 * 2 * 32, generator=g) * 2).to(dt)
+    q, k, v = qkv.view(2, 1000, 3, 2, 32).unbind(2)
+    outs = {}
+    for bs, ba in [(64, 64)] + [(b, 64) for b in tk.BLOCK_CHOICES[1:]] + [(64, b) for b in tk.BLOCK_CHOICES[1:]]:
+        tk._STATE_FIXED["BLOCK_N"], tk._APPLY_FIXED["BLOCK_N"] = bs, ba   # what autotune would pick per process
+        outs[f"{bs}/{ba}"] = tk.linear_attention_triton(q, k, v, 1e-8, split=2)
+    tk._STATE_FIXED["BLOCK_N"] = tk._APPLY_FIXED["BLOCK_N"] = 64
+    base = outs["64/64"]
+    other_split = tk.linear_attention_triton(q, k, v, 1e-8, split=1)
+    res.append({"dtype": str(dt), "configs": sorted(outs), "differ": [c for c, o in outs.items() if not torch.equal(o, base)],
+                "split_changes_bits": int((other_split != base).sum())})
+print("RESULT" + json.dumps(res))
+'''
+
+
+def test_linear_attention_result_does_not_follow_the_tuned_block():
+    """Autotune picks BLOCK_N by timing, so two processes can run different configs: every BLOCK_N of the tuning
+    space (state and apply kernel) gives bitwise the same output (fp32 and bf16, N = 1000 over 2 splits; the
+    interpreter runs each config). Control: a real change of reduction order (another split) changes bits, so the
+    bitwise comparison can fail."""
+    env = dict(os.environ, TRITON_INTERPRET="1", WAIFU_KERNELS="triton", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _TUNE_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))[len("RESULT"):])
+    for r in res:
+        print(r)
+        assert len(r["configs"]) == 5 and r["differ"] == [], r
+    assert res[0]["split_changes_bits"] > 0  # fp32: the control moves bits
+
+
 def test_dispatch_modes(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv("WAIFU_KERNELS", raising=False)

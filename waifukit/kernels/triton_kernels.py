@@ -8,7 +8,12 @@ Linear attention, per (batch, head), D = head dim:
            S = relu(K)^T V [D, D] and z = sum relu(K) [D] in fp32 and writes them to a workspace.
   phase 2 ``_la_apply``: grid (B*H, N-chunks). Each program sums the SPLIT partials in a fixed order, then for
            its tokens writes relu(q) S / (relu(q) . z + eps) into [B, N, H, D] (= [B, N, C], what proj wants).
-No atomics, fixed reduction order: the result is bitwise reproducible run to run.
+No atomics, and a reduction order fixed by the shape alone: phase 1 accumulates in tiles of ``RED_N`` (64) tokens,
+in token order, whatever BLOCK_N the autotuner picked (BLOCK_N only sets how many such tiles one loop iteration
+loads); phase 2 reduces over the head dim only, per token. So the tuned config, which autotune picks by timing and
+can differ between processes, does not change the result: bitwise reproducible across runs and processes for the
+same shapes, dtypes, device model (the split follows the SM count) and Triton version (its dot lowering).
+tests/test_kernels.py checks this in the interpreter with every BLOCK_N of the tuning space.
 
 Importing this module registers the ops ``waifu::relu_linear_attention`` and ``waifu::cfg_euler`` with
 torch.library (with fake impls) so torch.compile traces them as single nodes.
@@ -30,6 +35,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tokens per split / per apply program are multiples of this, so every autotuned BLOCK_N (<= 256) divides them
 # and no tile straddles two chunks.
 _CHUNK_UNIT = 256
+# Phase 1's reduction tile: fixed, so the summation order does not follow the autotuned BLOCK_N (a multiple of it).
+RED_N = 64
+BLOCK_CHOICES = (64, 128, 256)
 _MAX_SPLIT = 8
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs power-of-two tiles >= 16
 
@@ -38,7 +46,7 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs power-of-two tiles >= 16
 def _la_state(k_ptr, v_ptr, s_ptr, z_ptr, N, H, CHUNK,
               skb, skn, skh, skd, svb, svn, svh, svd,
               D: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-              PREC: tl.constexpr):
+              PREC: tl.constexpr, RED: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -51,18 +59,20 @@ def _la_state(k_ptr, v_ptr, s_ptr, z_ptr, N, H, CHUNK,
     acc = tl.zeros((D, D), dtype=tl.float32)
     zacc = tl.zeros((D,), dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        m = (offs_n < end)[:, None]
-        rows = offs_n.to(tl.int64)[:, None]
-        kt = tl.load(k_base + rows * skn + offs_d[None, :] * skd, mask=m, other=0.0)
-        vt = tl.load(v_base + rows * svn + offs_d[None, :] * svd, mask=m, other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-            vt = vt.to(tl.float32)
-        kt = tl.maximum(kt, 0.0)
-        # bf16/fp16 operands: the products are exact in the fp32 accumulator (tensor cores on GPU).
-        acc = tl.dot(tl.trans(kt), vt, acc, input_precision=PREC)
-        zacc += tl.sum(kt.to(tl.float32), axis=0)
+        # RED-token tiles in token order, whatever BLOCK_N is: the same additions in the same order for every config.
+        for j in tl.static_range(BLOCK_N // RED):
+            offs_n = n0 + j * RED + tl.arange(0, RED)
+            m = (offs_n < end)[:, None]
+            rows = offs_n.to(tl.int64)[:, None]
+            kt = tl.load(k_base + rows * skn + offs_d[None, :] * skd, mask=m, other=0.0)
+            vt = tl.load(v_base + rows * svn + offs_d[None, :] * svd, mask=m, other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+                vt = vt.to(tl.float32)
+            kt = tl.maximum(kt, 0.0)
+            # bf16/fp16 operands: the products are exact in the fp32 accumulator (tensor cores on GPU).
+            acc = tl.dot(tl.trans(kt), vt, acc, input_precision=PREC)
+            zacc += tl.sum(kt.to(tl.float32), axis=0)
     ws = (pid_bh * SPLIT + pid_s).to(tl.int64)
     tl.store(s_ptr + ws * D * D + offs_d[:, None] * D + offs_d[None, :], acc)
     tl.store(z_ptr + ws * D + offs_d, zacc)
@@ -133,9 +143,9 @@ if INTERPRET:
 else:
     _STATE_FIXED = _APPLY_FIXED = {}
     # Keyed on the shape and (implicitly) the dtypes; run it before CUDA-graph capture (the loop warms up).
-    _la_state_run = triton.autotune(_configs((64, 128, 256), (2, 4, 8), (2, 3, 4)),
+    _la_state_run = triton.autotune(_configs(BLOCK_CHOICES, (2, 4, 8), (2, 3, 4)),
                                     key=["N", "H", "D", "SPLIT"])(_la_state)
-    _la_apply_run = triton.autotune(_configs((64, 128, 256), (4, 8), (2, 3)),
+    _la_apply_run = triton.autotune(_configs(BLOCK_CHOICES, (4, 8), (2, 3)),
                                     key=["N", "H", "D", "SPLIT"])(_la_apply)
 
 
@@ -174,7 +184,7 @@ def linear_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
     apply_prec = "ieee" if (INTERPRET or not half) else "tf32x3"
     _la_state_run[(B * H, split)](
         k, v, ws_s, ws_z, N, H, chunk, *k.stride(), *v.stride(),
-        D=D, SPLIT=split, UPCAST=upcast, PREC=state_prec, **_STATE_FIXED)
+        D=D, SPLIT=split, UPCAST=upcast, PREC=state_prec, RED=RED_N, **_STATE_FIXED)
     chunk2 = 2 * _CHUNK_UNIT
     _la_apply_run[(B * H, triton.cdiv(N, chunk2))](
         q, ws_s, ws_z, out, N, H, chunk2, float(eps), *q.stride(), *out.stride(),

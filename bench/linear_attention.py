@@ -7,18 +7,18 @@ Compares, on the same inputs and in the same run:
   diffusers the math of diffusers' SanaLinearAttnProcessor2_0 re-implemented op for op (q, k, v from separate
            projections [B, N, C]; transposes, relu, fp32 casts, pad, two matmuls, divide, layout change, cast).
 GPU: bf16, CUDA events, median of the repeats; µs, GB/s (q, k, v read once + output written once) and % of the
-HBM roofline. CPU (no GPU): fp32 at a reduced width (hidden 448 = 14 heads) and ratios only, plus peak RSS per
-call measured in a fresh subprocess.
+HBM roofline. CPU (no GPU): fp32 at a reduced width (hidden 448 = 14 heads) and ratios only, plus the peak tensor
+bytes of one call (allocator records: repeats exactly) and the peak RSS growth of one call, one reading per fresh
+process, median [min-max] of --rss-repeats.
 
     .venv/bin/python bench/linear_attention.py            # writes bench/results/linear_attention-<device>.txt
+    .venv/bin/python bench/linear_attention.py --sizes 256 --reps 3 --rss-repeats 2 --out -   # quick look
 """
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import status_kb, write_results  # noqa: E402
+from common import (fresh_process_kib, header, load_note, parser, peak_alloc_bytes, reset_peak_rss,  # noqa: E402
+                    status_kb, summary, write_results)
 from waifukit import kernels  # noqa: E402
 
 HEAD_DIM = 32
@@ -106,26 +107,25 @@ def worker(spec):
     fn = variants(heads)[name]
     fn(o, t)                                   # first-call allocations (thread pools, caches) out of the way
     base = status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                           # reset the peak-RSS watermark (Linux >= 4.0)
+    reset_peak_rss()
     fn(o, t)
     print("RSS" + json.dumps(status_kb("VmHWM") - base))
 
 
-def peak_rss(B, N, heads, variant):
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(dict(B=B, N=N, heads=heads, variant=variant))],
-                       capture_output=True, text=True, env=env, check=True)
-    return int(next(ln for ln in p.stdout.splitlines() if ln.startswith("RSS"))[3:])
+def peak_rss(B, N, heads, variant, repeats):
+    return fresh_process_kib(__file__, dict(B=B, N=N, heads=heads, variant=variant), repeats)
 
 
 
-def main():
+def main(args):
     lines = []
 
     def emit(s=""):
         print(s, flush=True)
         lines.append(s)
+
+    for ln in header():
+        emit(ln)
 
     B = 2
     if torch.cuda.is_available():
@@ -142,7 +142,7 @@ def main():
         emit(f"attention core, B={B}, {heads} heads x {HEAD_DIM}, bf16, median of 20 (CUDA events)")
         emit(f"{'px':>5} {'N':>6} | {'ours us':>8} {'GB/s':>7} {'%HBM':>6} {'floor us':>8} | {'eager us':>8} "
              f"{'diffusers us':>12} | {'vs eager':>8} {'vs diffusers':>12}")
-        for px in (512, 768, 1024):
+        for px in args.sizes or (512, 768, 1024):
             N = (px // 8) ** 2
             o, t = make_inputs(B, N, heads, dtype, dev)
             fns = variants(heads)
@@ -167,22 +167,38 @@ def main():
         emit(f"device: cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)  "
              f"torch {torch.__version__}  kernels={kernels.kernel_mode()} (default path on CPU: eager torch)")
         emit(f"attention core, B={B}, REDUCED width {heads} heads x {HEAD_DIM} (hidden {heads * HEAD_DIM}), fp32; "
-             "wall-clock median of 7 interleaved repeats; ratios only")
-        emit(f"{'px':>5} {'N':>6} | {'time ours/diffusers':>19} | {'peak RSS ours/diffusers':>23}")
-        for px in (256, 384, 512):
+             f"wall-clock median of {args.reps} interleaved repeats; ratios only. alloc: peak tensor bytes of one call "
+             f"(allocator records, read twice). RSS: one reading per fresh process, median [min-max] of "
+             f"{args.rss_repeats} (MiB)")
+        emit(f"{'px':>5} {'N':>6} | {'time ours/diffusers':>19} | {'alloc ours/diffusers':>20} | "
+             f"{'RSS ours MiB':>24} {'RSS diffusers MiB':>24}")
+        for px in args.sizes or (256, 384, 512):
             N = (px // 8) ** 2
             o, t = make_inputs(B, N, heads, dtype, "cpu")
-            fns = variants(heads)
-            us = time_cpu_interleaved({k: (lambda f=f: f(o, t)) for k, f in fns.items() if k != "eager"})
-            rss = {k: peak_rss(B, N, heads, k) for k in ("ours", "diffusers")}
-            emit(f"{px:>5} {N:>6} | {us['ours'] / us['diffusers']:>19.3f} | {rss['ours'] / max(rss['diffusers'], 1):>23.3f}"
-                 f"   (abs: {us['ours']:.0f} vs {us['diffusers']:.0f} us; {rss['ours'] / 1024:.1f} vs "
-                 f"{rss['diffusers'] / 1024:.1f} MiB)")
-    write_results("linear_attention", lines)
+            fns = {k: (lambda f=f: f(o, t)) for k, f in variants(heads).items() if k != "eager"}
+            us = time_cpu_interleaved(fns, reps=args.reps)
+            alloc = {k: [peak_alloc_bytes(f) for _ in range(2)] for k, f in fns.items()}
+            rss = {k: peak_rss(B, N, heads, k, args.rss_repeats) for k in fns} if args.rss_repeats else None
+            emit(f"{px:>5} {N:>6} | {us['ours'] / us['diffusers']:>19.3f} | "
+                 f"{alloc['ours'][0] / alloc['diffusers'][0]:>20.3f} | "
+                 f"{summary(rss['ours'], 1 / 1024) if rss else '-':>24} {summary(rss['diffusers'], 1 / 1024) if rss else '-':>24}")
+            emit(f"{'':>14} (abs: {us['ours']:.0f} vs {us['diffusers']:.0f} us; alloc {alloc['ours'][0] / 2 ** 20:.1f} vs "
+                 f"{alloc['diffusers'][0] / 2 ** 20:.1f} MiB, repeats exactly: "
+                 f"{all(a == b for a, b in alloc.values())})")
+    emit(load_note())
+    write_results("linear_attention", lines, args.out)
+
+
+def cli(argv=None):
+    p = parser("linear_attention", __doc__)
+    p.add_argument("--sizes", type=int, nargs="+", help="image sides in px (default CPU: 256 384 512; GPU: 512 768 1024)")
+    p.add_argument("--reps", type=int, default=7, help="interleaved timing repeats (CPU)")
+    p.add_argument("--rss-repeats", type=int, default=5, help="fresh-process peak-RSS readings per variant (CPU; 0 skips)")
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         worker(json.loads(sys.argv[2]))
     else:
-        main()
+        main(cli())

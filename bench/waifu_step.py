@@ -9,17 +9,17 @@ Rows:
                  20-step loop)
 GPU: full-size Waifu (hidden 2240, depth 20), random init, bf16, CUDA events; ms/step, % of the bf16 compute floor
 (FLOPs counted with torch.utils.flop_counter on the diffusers forward), peak memory; 20 steps at 768².
-CPU (no GPU): REDUCED width (hidden 448, depth 2), fp32; ratios only; peak RSS of one step (first call) from a fresh subprocess.
+CPU (no GPU): REDUCED width (hidden 448, depth 2), fp32; ratios only; peak RSS of one step (first call), each
+reading in a fresh subprocess, --rss-repeats of them: median [min-max]. --compile adds the torch.compile'd loop.
 
     .venv/bin/python bench/waifu_step.py                  # writes bench/results/waifu_step-<device>.txt
+    .venv/bin/python bench/waifu_step.py --sizes 128 --reps 5 --loop-reps 3 --rss-repeats 3 --out -   # quick look
 """
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from common import status_kb, write_results  # noqa: E402
+from common import (fresh_process_kib, header, load_note, parser, peak_alloc_bytes, reset_peak_rss,  # noqa: E402
+                    status_kb, summary, write_results)
 from waifukit import kernels  # noqa: E402
 from waifukit.flow import flow_sigmas  # noqa: E402
 from waifukit.fused import sample_flow_euler_fast  # noqa: E402
@@ -123,17 +124,15 @@ def worker(spec):
     fn = step_fns(models, spec["px"], "cpu", torch.float32)[spec["variant"]]
     with torch.no_grad():
         base = status_kb("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        reset_peak_rss()
         fn()
     print("RSS" + json.dumps(status_kb("VmHWM") - base))
 
 
-def peak_rss(px, variant):
+def peak_rss(px, variant, repeats):
+    """Peak-RSS growth (KiB) of one step, one reading per fresh process, ``repeats`` readings."""
     spec = dict(px=px, variant=variant, model="diffusers" if variant == "diffusers" else "ours")
-    p = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())), check=True)
-    return int(next(ln for ln in p.stdout.splitlines() if ln.startswith("RSS"))[3:])
+    return fresh_process_kib(__file__, spec, repeats)
 
 
 def time_cpu(fns: dict, reps):
@@ -165,13 +164,15 @@ def time_gpu(fn, reps=10, warm=3):
     return statistics.median(out)
 
 
-def main():
+def main(args):
     lines = []
 
     def emit(s=""):
         print(s, flush=True)
         lines.append(s)
 
+    for ln in header():
+        emit(ln)
     if torch.cuda.is_available():
         from torch.utils.flop_counter import FlopCounterMode
         dev, dtype, name = torch.device("cuda"), torch.bfloat16, torch.cuda.get_device_name()
@@ -183,7 +184,7 @@ def main():
              f"{(peak or float('nan')) / 1e12:.0f} TFLOP/s bf16 dense")
         emit(f"{'px':>5} {'N':>6} | {'variant':>13} {'ms':>8} {'%floor':>7} {'peak GiB':>9} | {'vs diffusers':>12}")
         with torch.no_grad():
-            for px in (512, 768, 1024):
+            for px in args.sizes or (512, 768, 1024):
                 fns = step_fns(models, px, dev, dtype)
                 with FlopCounterMode(display=False) as fc:
                     fns["diffusers"]()
@@ -221,38 +222,71 @@ def main():
         emit("REDUCED Waifu: hidden 448 (14 heads x 32), depth 2, cross 4 x 112, caption 1024, fp32; text 512 padded "
              f"({COND_REAL} real cond tokens, {UNCOND_REAL} uncond); ratios only")
         models = build(False, "cpu", dtype)
+        emit(f"time: min and median of {args.reps} interleaved repeats. alloc: peak tensor bytes live during one step "
+             "(allocator records, torch.profiler; read twice, must repeat exactly). RSS: peak RSS growth of one step "
+             f"(first call), one reading per fresh process, median [min-max] of {args.rss_repeats} (MiB)")
         emit(f"{'px':>5} {'N':>6} | {'variant':>13} | {'time/diffusers min':>18} {'(median)':>9} | "
-             f"{'peak RSS/diffusers':>18}")
+             f"{'alloc MiB':>9} {'/diffusers':>10} | {'peak RSS MiB':>24} {'/diffusers':>10}")
         with torch.no_grad():
-            for px in (128, 192, 256):
+            for px in args.sizes or (128, 192, 256):
                 fns = step_fns(models, px, "cpu", dtype)
-                ts = time_cpu(fns, reps=15)
-                rss = {k: peak_rss(px, k) for k in fns}
-                for k in ("ours forward", "ours step"):
+                ts = time_cpu(fns, reps=args.reps)
+                alloc = {k: [peak_alloc_bytes(f) for _ in range(2)] for k, f in fns.items()}
+                repeats = all(a == b for a, b in alloc.values())
+                rss = {k: peak_rss(px, k, args.rss_repeats) for k in fns} if args.rss_repeats else None
+                for k in ("ours forward", "ours step", "diffusers"):
+                    mem, ratio = "-", "-"
+                    if rss:
+                        mem = summary(rss[k], 1 / 1024)
+                        ratio = f"{statistics.median(rss[k]) / max(statistics.median(rss['diffusers']), 1):.3f}"
                     emit(f"{px:>5} {(px // 8) ** 2:>6} | {k:>13} | {ts[k][0] / ts['diffusers'][0]:>18.3f} "
-                         f"{ts[k][1] / ts['diffusers'][1]:>9.3f} | {rss[k] / max(rss['diffusers'], 1):>18.3f}")
+                         f"{ts[k][1] / ts['diffusers'][1]:>9.3f} | {alloc[k][0] / 2 ** 20:>9.1f} "
+                         f"{alloc[k][0] / alloc['diffusers'][0]:>10.3f} | {mem:>24} {ratio:>10}")
+                emit(f"{'':>14} alloc readings repeat exactly: {repeats}")
                 emit(f"{'':>14} (abs min: ours forward {ts['ours forward'][0]:.1f} ms, ours step "
-                     f"{ts['ours step'][0]:.1f} ms, diffusers {ts['diffusers'][0]:.1f} ms; peak RSS "
-                     f"{rss['ours forward'] / 1024:.0f} / {rss['ours step'] / 1024:.0f} / {rss['diffusers'] / 1024:.0f} MiB)")
+                     f"{ts['ours step'][0]:.1f} ms, diffusers {ts['diffusers'][0]:.1f} ms)")
             emit("")
-            emit("20-step 128² image (CFG 4.5), transformer loop only, 5 interleaved repeats")
-            x, cond, cm, uncond, um = inputs(128, "cpu", dtype)
+            px, steps = args.loop_px, args.loop_steps
+            emit(f"{steps}-step {px}² image (CFG 4.5), transformer loop only, {args.loop_reps} interleaved repeats")
+            x, cond, cm, uncond, um = inputs(px, "cpu", dtype)
             loops = {
-                "diffusers": lambda: diffusers_loop(models["diffusers"], x, cond, cm, uncond, um, 20, 4.5, dtype),
-                "ours": lambda: ours_loop(models["ours"], x, cond, cm, uncond, um, 20, 4.5, dtype),
+                "diffusers": lambda: diffusers_loop(models["diffusers"], x, cond, cm, uncond, um, steps, 4.5, dtype),
+                "ours": lambda: ours_loop(models["ours"], x, cond, cm, uncond, um, steps, 4.5, dtype),
             }
-            ts = time_cpu(loops, reps=5)
+            if args.compile:
+                t0 = time.perf_counter()
+                ours_loop(models["ours"], x, cond, cm, uncond, um, steps, 4.5, dtype, compile=True)
+                emit(f"torch.compile (inductor) first call incl. compile: {time.perf_counter() - t0:.1f} s")
+                loops["ours compiled"] = lambda: ours_loop(models["ours"], x, cond, cm, uncond, um, steps, 4.5, dtype,
+                                                           compile=True)
+            ts = time_cpu(loops, reps=args.loop_reps)
+            for k in loops:
+                if k != "diffusers":
+                    emit(f"{k} / diffusers: {ts[k][0] / ts['diffusers'][0]:.3f} (min), "
+                         f"{ts[k][1] / ts['diffusers'][1]:.3f} (median)   (abs min {ts[k][0]:.0f} vs "
+                         f"{ts['diffusers'][0]:.0f} ms)")
             a, b = loops["ours"](), loops["diffusers"]()
-            emit(f"ours / diffusers: {ts['ours'][0] / ts['diffusers'][0]:.3f} (min), "
-                 f"{ts['ours'][1] / ts['diffusers'][1]:.3f} (median)   (abs min {ts['ours'][0]:.0f} vs "
-                 f"{ts['diffusers'][0]:.0f} ms)")
             emit(f"final latents ours vs diffusers, fp32: max rel err {((a - b).abs().max() / b.abs().max()).item():.2e}"
                  " (eps 1e-8 vs diffusers' 1e-15, trimmed text)")
-    write_results("waifu_step", lines)
+    emit(load_note())
+    write_results("waifu_step", lines, args.out)
+
+
+def cli(argv=None):
+    p = parser("waifu_step", __doc__)
+    p.add_argument("--sizes", type=int, nargs="+", help="image sides in px (default CPU: 128 192 256; GPU: 512 768 1024)")
+    p.add_argument("--reps", type=int, default=15, help="interleaved timing repeats per step variant (CPU)")
+    p.add_argument("--rss-repeats", type=int, default=5, help="fresh-process peak-RSS readings per variant (CPU; 0 skips)")
+    p.add_argument("--loop-px", type=int, default=128, help="image side of the whole-loop timing (CPU)")
+    p.add_argument("--loop-steps", type=int, default=20, help="steps of the whole-loop timing (CPU)")
+    p.add_argument("--loop-reps", type=int, default=5, help="interleaved repeats of the whole loop (CPU)")
+    p.add_argument("--compile", action="store_true", help="also time sample_flow_euler_fast(compile=True) (CPU: "
+                                                          "inductor; compiling takes minutes)")
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         worker(json.loads(sys.argv[2]))
     else:
-        main()
+        main(cli())

@@ -90,7 +90,7 @@ class MexmaSigLIPEncode:
         }}
 
     RETURN_TYPES = ("CONDITIONING",)
-    OUTPUT_TOOLTIPS = ("Per-token states [1,512,1024] with attention_mask, plus pooled_output [1,1152] when the "
+    OUTPUT_TOOLTIPS = ("Per-token states [1,L,1024] (L = real tokens, up to 512) with attention_mask, plus pooled_output [1,1152] when the "
                        "projector is loaded.",)
     FUNCTION = "encode"
     CATEGORY = CATEGORY

@@ -1,10 +1,13 @@
 """LoRA on the Linear DiT: key mapping (no host) and, in a real ComfyUI server (both hosts), our
 LinearDiTLoraLoader and the stock LoraLoaderModelOnly against a reference built on diffusers' SanaTransformer2DModel.
 
-The reference merges each LoRA into the diffusers model the way PEFT's ``fuse_lora(lora_scale=s)`` does
-(W += s * alpha / r * B @ A, per diffusers module: to_q / to_k / to_v separately); diffusers'
-``load_lora_weights`` itself needs the peft package, which this environment does not have. It never imports
-our package. Bound: the pack's pixel parity (mean abs diff <= 1/255, max <= 8/255).
+PEFT files are written by diffusers' own ``SanaPipeline.save_lora_weights`` (as train_dreambooth_lora_sana.py
+saves them, LoraConfig metadata included) and the reference loads them with diffusers' ``load_lora_weights`` +
+``fuse_lora(lora_scale=s)`` (stacks: ``set_adapters`` weights, then ``fuse_lora``). diffusers' Sana loader reads
+no kohya or ComfyUI-layout keys (it loads nothing from them; asserted below), so for those two files the
+reference merges the same tensors by hand the way PEFT's merge does (W += s * alpha / r * B @ A per diffusers
+module), which equals the diffusers-loaded PEFT twin exactly (asserted below). It never imports our package.
+Bound: the pack's pixel parity (mean abs diff <= 1/255, max <= 8/255).
 """
 from __future__ import annotations
 
@@ -45,12 +48,52 @@ def make_lora(transformer, seed: int, alpha: float | None = None) -> dict:
 
 
 def peft_file(lora: dict, path: Path, alpha: float | None):
+    """Saved as train_dreambooth_lora_sana.py saves: SanaPipeline.save_lora_weights with the LoraConfig as
+    metadata (packed "transformer.<field>" keys); ``alpha`` None: an older file without metadata (alpha == r)."""
+    from diffusers.loaders import SanaLoraLoaderMixin
+    from peft import LoraConfig
+
     sd = {}
     for name, (a, b, _) in lora.items():
-        sd[f"transformer.{name}.lora_A.weight"] = a.contiguous()
-        sd[f"transformer.{name}.lora_B.weight"] = b.contiguous()
-    meta = {"lora_adapter_metadata": json.dumps({"r": RANK, "lora_alpha": alpha})} if alpha else None
-    save_file(sd, str(path), metadata=meta)
+        sd[f"{name}.lora_A.weight"] = a.contiguous()
+        sd[f"{name}.lora_B.weight"] = b.contiguous()
+    meta = LoraConfig(r=RANK, lora_alpha=alpha, target_modules=sorted(lora)).to_dict() if alpha else None
+    SanaLoraLoaderMixin.save_lora_weights(str(path.parent), transformer_lora_layers=sd, weight_name=path.name,
+                                         transformer_lora_adapter_metadata=meta)
+
+
+class _SanaLoras:
+    """The LoRA half of diffusers' SanaPipeline (its SanaLoraLoaderMixin) around a bare SanaTransformer2DModel,
+    so the reference runs diffusers' own load_lora_weights / set_adapters / fuse_lora code."""
+
+    def __new__(cls, transformer):
+        from diffusers.loaders import SanaLoraLoaderMixin
+
+        class Pipe(SanaLoraLoaderMixin):
+            hf_device_map = None  # read by diffusers' offload check
+
+            @property
+            def components(self):
+                return {"transformer": self.transformer}
+
+        pipe = Pipe()
+        pipe.transformer = transformer
+        return pipe
+
+
+def diffusers_fused(transformer, files: list, scales: list):
+    """``transformer`` with the PEFT ``files`` loaded by diffusers and fused at ``scales`` (in place)."""
+    pipe = _SanaLoras(transformer)
+    names = [f"lora{i}" for i in range(len(files))]
+    for path, name in zip(files, names):
+        pipe.load_lora_weights(str(path), adapter_name=name)
+    if len(files) == 1:
+        pipe.fuse_lora(lora_scale=scales[0])
+    else:
+        pipe.set_adapters(names, scales)
+        pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()  # drops the LoRA layers; the fused weights stay
+    return transformer
 
 
 def kohya_file(lora: dict, path: Path, extra: dict | None = None):
@@ -124,6 +167,39 @@ def test_key_map_covers_every_diffusers_projection_and_names_the_rest():
     LinearDiT(LinearDiTParams.infer(ours)).load_state_dict(ours)  # the targets are the model's real keys
 
 
+def test_diffusers_saved_alpha_is_read_and_hand_merge_equals_diffusers(tmp_path):
+    """Defect: alphas in diffusers' packed metadata ("transformer.lora_alpha") were ignored (scale 1 instead of
+    alpha/r). Also pins the reference: diffusers loads nothing from a kohya file, and the hand merge used for
+    kohya/ComfyUI files equals diffusers' load_lora_weights + fuse_lora on the PEFT twin."""
+    from safetensors import safe_open
+
+    from fixtures.waifu_snapshot import tiny_transformer
+    from waifukit.lora import peft_alphas
+
+    ref = tiny_transformer()
+    lora = make_lora(ref, 3, alpha=2.0 * RANK)
+    peft_file(lora, tmp_path / "p.safetensors", alpha=2.0 * RANK)
+    peft_file(lora, tmp_path / "bare.safetensors", alpha=None)
+    with safe_open(str(tmp_path / "p.safetensors"), "pt") as f:
+        sd, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    alphas = peft_alphas(sd, meta)
+    assert len(alphas) == len(lora) and {float(v) for v in alphas.values()} == {2.0 * RANK}
+    with safe_open(str(tmp_path / "bare.safetensors"), "pt") as f:
+        assert peft_alphas(sd, f.metadata()) == {}  # control: no metadata, no alpha (alpha == r)
+
+    fused = diffusers_fused(copy.deepcopy(ref), [tmp_path / "p.safetensors"], [0.8]).state_dict()
+    hand = copy.deepcopy(ref)
+    fuse_like_peft(hand, lora, 0.8)
+    base = ref.state_dict()
+    err = max((fused[k] - v).abs().max().item() for k, v in hand.state_dict().items())
+    moved = max((fused[k] - v).abs().max().item() for k, v in base.items())
+    print(f"hand merge vs diffusers fuse: max {err:.2e}; LoRA moved weights by {moved:.2e}")
+    assert err <= 1e-6 and moved > 1e-1
+    kohya_file(lora, tmp_path / "k.safetensors")
+    untouched = diffusers_fused(copy.deepcopy(ref), [tmp_path / "k.safetensors"], [0.8]).state_dict()
+    assert all(torch.equal(untouched[k], v) for k, v in base.items())
+
+
 # --------------------------------------------------------------------------------------------------- host
 
 @pytest.fixture(scope="module")
@@ -147,7 +223,9 @@ def host(tmp_path_factory, comfy_host):
     peft_file(second, loras / "second-peft.safetensors", alpha=None)
     save_file({"text_model.encoder.layers.0.lora_A.weight": torch.zeros(2, 2)}, str(loras / "someone-else.safetensors"))
     h = ComfyHost(base, comfy_host).start()
-    h.ref, h.loras = ref, {"first": first, "second": second, "unit": unit}
+    h.ref, h.lora_dir = ref, loras
+    h.loras = {"first": "first-peft.safetensors", "second": "second-peft.safetensors", "first-hand": first,
+               "unit": unit}
     yield h
     h.stop()
 
@@ -169,11 +247,17 @@ def add_lora(wf, node: str, name: str, strength: float, model=("1", 0), stock=Fa
 
 
 def reference(host, parts, seed=7, steps=3, size=128):
+    """diffusers' image with ``parts`` [(PEFT file name, scale)] loaded and fused by diffusers, or
+    [(lora dict, scale)] merged by hand (kohya / ComfyUI layouts, which diffusers' Sana loader does not read)."""
     from fixtures.waifu_snapshot import reference_images
     ref = dict(host.ref)
     ref["transformer"] = copy.deepcopy(host.ref["transformer"])
+    files = [(host.lora_dir / p, s) for p, s in parts if isinstance(p, str)]
+    if files:
+        diffusers_fused(ref["transformer"], [p for p, _ in files], [s for _, s in files])
     for lora, scale in parts:
-        fuse_like_peft(ref["transformer"], lora, scale)
+        if not isinstance(lora, str):
+            fuse_like_peft(ref["transformer"], lora, scale)
     return reference_images(ref, PROMPT, "", seed, steps, 4.5, size, size)[0]
 
 
@@ -185,7 +269,8 @@ def far(a, b, at_least=5.0):
 
 
 @pytest.mark.host
-@pytest.mark.parametrize("name,lora", [("first-peft.safetensors", "first"), ("first-kohya.safetensors", "first"),
+@pytest.mark.parametrize("name,lora", [("first-peft.safetensors", "first"),
+                                       ("first-kohya.safetensors", "first-hand"),
                                        ("first-unit-comfy.safetensors", "unit")])
 def test_lora_matches_diffusers_fused_reference(host, name, lora):
     from host_checks import assert_pixels_match, run_ok
@@ -243,7 +328,7 @@ def test_unmatched_keys_named_and_foreign_lora_refused(host):
     from host_checks import assert_pixels_match, run_failed, run_ok
     wf = graph()
     wf["4"]["inputs"]["model"] = add_lora(wf, "10", "first-kohya-extra.safetensors", 0.8)
-    assert_pixels_match(run_ok(host, wf)[0], reference(host, [(host.loras["first"], 0.8)]))
+    assert_pixels_match(run_ok(host, wf)[0], reference(host, [(host.loras["first-hand"], 0.8)]))
     line = [x for x in host.log_tail(5000).splitlines() if "match no module" in x][-1]
     assert "first-kohya-extra.safetensors" in line and "lora_unet_not_in_this_model.lora_down.weight" in line
     wf["4"]["inputs"]["model"] = add_lora(wf, "10", "someone-else.safetensors", 1.0)

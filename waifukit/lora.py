@@ -102,7 +102,13 @@ def peft_alphas(lora_sd: dict, metadata: dict | None) -> dict:
     if not raw:
         return {}
     meta = json.loads(raw)
-    meta = meta.get("transformer", meta) if isinstance(meta, dict) else {}
+    if not isinstance(meta, dict):
+        return {}
+    # A pipeline's save_lora_weights (train_dreambooth_lora_sana.py) packs the transformer's LoraConfig as flat
+    # "transformer.<field>" keys (diffusers loaders/lora_base.py _pack_dict_with_prefix); a model's
+    # save_lora_adapter writes the fields bare.
+    packed = {k[len("transformer."):]: v for k, v in meta.items() if k.startswith("transformer.")}
+    meta = packed or meta.get("transformer", meta)
     if meta.get("alpha_pattern") or meta.get("rank_pattern"):
         raise ValueError("lora_adapter_metadata has per-module alpha_pattern/rank_pattern, which this loader does "
                          "not apply; save the LoRA with one lora_alpha")

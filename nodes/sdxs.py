@@ -15,7 +15,7 @@ from ..waifukit.registry import MODELS, fetch_hint
 from ..waifukit.sdxs import is_sdxs_snapshot
 from . import mexma_host, sdxs_host, vae16_host
 from .common import (BATCH_SIZE_INPUT, CATEGORY, DENOISE_INPUT, DTYPE_INPUT, LATENT_IMAGE_INPUT, RAW_LATENT_TOOLTIP,
-                     TEXT_DEVICE_INPUT, check_side, diffusers_folder, diffusers_folders, model_file, start_latent)
+                     TEXT_DEVICE_INPUT, WEIGHT_DTYPE_INPUT, check_side, diffusers_folder, diffusers_folders, model_file, start_latent)
 from .core_api import folder_paths, latent_preview, mm
 
 SDXS_HINT = fetch_hint("sdxs")
@@ -34,7 +34,7 @@ class SDXSSnapshotLoader:
                          {"tooltip": "A folder under models/diffusers with unet/, text_encoder/ (+ text_projector/), "
                                      "tokenizer/, vae/ and scheduler/. " + SDXS_HINT}),
             "dtype": DTYPE_INPUT,
-        }, "optional": {"text_encoder_device": TEXT_DEVICE_INPUT}}
+        }, "optional": {"text_encoder_device": TEXT_DEVICE_INPUT, "weight_dtype": WEIGHT_DTYPE_INPUT}}
 
     RETURN_TYPES = ("MODEL", "MEXMA_SIGLIP", "VAE")
     RETURN_NAMES = ("model", "text_encoder", "vae")
@@ -44,12 +44,12 @@ class SDXSSnapshotLoader:
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, snapshot, dtype, text_encoder_device="default"):
+    def load(self, snapshot, dtype, text_encoder_device="default", weight_dtype="default"):
         root = diffusers_folder(snapshot, is_sdxs_snapshot,
                                 "SDXS snapshot (needs unet/, text_encoder/, tokenizer/, vae/, scheduler/)", SDXS_HINT)
         te = mexma_host.load_text_encoder(root, dtype, device=text_encoder_device)
         te.require_projector()  # SDXS cannot run without it: say so at load time
-        return sdxs_host.load_unet(root, dtype), te, vae16_host.load_vae(root / "vae", dtype)
+        return sdxs_host.load_unet(root, dtype, weight_dtype=weight_dtype), te, vae16_host.load_vae(root / "vae", dtype)
 
 
 class SDXSUNetLoader:
@@ -66,15 +66,16 @@ class SDXSUNetLoader:
                                       "snapshot's unet/config.json), <name>.scheduler.json and optionally "
                                       "<name>.vae.json (latent scaling) beside it."}),
             "dtype": DTYPE_INPUT,
-        }}
+        }, "optional": {"weight_dtype": WEIGHT_DTYPE_INPUT}}
 
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The SDXS UNet as a ComfyUI MODEL.",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
 
-    def load(self, unet_name, dtype):
-        return (sdxs_host.load_unet(model_file("diffusion_models", unet_name, SDXS_HINT), dtype),)
+    def load(self, unet_name, dtype, weight_dtype="default"):
+        return (sdxs_host.load_unet(model_file("diffusion_models", unet_name, SDXS_HINT), dtype,
+                                    weight_dtype=weight_dtype),)
 
 
 def _check_size(name: str, value: int):

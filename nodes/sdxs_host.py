@@ -19,7 +19,7 @@ from ..waifukit import loading
 from ..waifukit.ddpm import DDPMParams, DiscreteSchedule
 from ..waifukit.mexma import MISSING_PROJECTOR
 from ..waifukit.sdxs import SDXSUNet, resolve_unet
-from .common import param_count, pick_dtype
+from .common import WEIGHT_DTYPES, param_count, pick_dtype
 from .vae16_host import Latent16
 from .core_api import BASE, EPS, V_PREDICTION, X0, BaseModel, ModelPatcher, ModelSamplingDiscrete, ModelType, mm
 
@@ -97,14 +97,21 @@ class SDXSModel(BaseModel):
         return super().extra_conds(**kwargs)
 
 
-def load_unet(path: Path, dtype_choice: str = "auto", vae_config: dict | None = None):
-    """A ComfyUI MODEL (ModelPatcher around SDXSModel) from a snapshot root, its unet/ folder or a single file."""
+def load_unet(path: Path, dtype_choice: str = "auto", vae_config: dict | None = None, weight_dtype: str = "default"):
+    """A ComfyUI MODEL (ModelPatcher around SDXSModel) from a snapshot root, its unet/ folder or a single file.
+    ``weight_dtype`` (WEIGHT_DTYPES) stores the weights in fp8 and computes in the chosen dtype, as ComfyUI's
+    UNETLoader does."""
     params, sd, sched, weights = resolve_unet(path)
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     supported = SDXSConfig.supported_inference_dtypes
     dtype = pick_dtype(dtype_choice, load_device,
                        lambda: mm.unet_dtype(model_params=param_count(sd), supported_dtypes=supported))
     manual_cast = mm.unet_manual_cast(dtype, load_device, supported)
+    storage = WEIGHT_DTYPES[weight_dtype]
+    if storage is not None:
+        # fp8 storage; compute as the same load without fp8 would (dtype, or its manual cast where the device
+        # lacks it): every layer casts its weights on the fly (comfy.ops manual cast).
+        manual_cast, dtype = manual_cast or dtype, storage
     if vae_config is None:
         # The latent scaling belongs to the VAE the UNet was trained with: the snapshot's vae/config.json, or
         # <stem>.vae.json beside a single file; else the 16ch VAE's 0.18215 / 0.
@@ -128,6 +135,8 @@ def load_unet(path: Path, dtype_choice: str = "auto", vae_config: dict | None = 
     shift = float(vae_config.get("shift_factor") or 0.0)
     try:
         config = SDXSConfig(params, sched, scale, shift)
+        if storage is not None:
+            config.optimizations["fp8"] = weight_dtype.endswith("_fast")
         config.set_inference_dtype(dtype, manual_cast)
         model = SDXSModel(config, device=offload_device)
     except ValueError as e:

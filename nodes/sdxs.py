@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 
 
-from ..waifukit import ddpm
+from ..waifukit import ddpm, lora
 from ..waifukit.latents import batch_index_of, latent_mask
 from ..waifukit.mexma import MISSING_PROJECTOR
 from ..waifukit.registry import MODELS, fetch_hint
 from ..waifukit.sdxs import is_sdxs_snapshot
-from . import mexma_host, sdxs_host, vae16_host
+from . import mexma_host, sdxs_host, vae16_host, waifu_host
 from .common import (BATCH_SIZE_INPUT, CATEGORY, DENOISE_INPUT, DTYPE_INPUT, LATENT_IMAGE_INPUT, RAW_LATENT_TOOLTIP,
                      TEXT_DEVICE_INPUT, WEIGHT_DTYPE_INPUT, check_side, diffusers_folder, diffusers_folders, model_file, start_latent)
 from .core_api import folder_paths, latent_preview, mm
@@ -200,8 +200,42 @@ class SDXSSampler:
         return (result,)
 
 
+class SDXSLoraLoader:
+    DESCRIPTION = ("Applies a LoRA to an SDXS UNet MODEL through ComfyUI's patch system, from the layouts SD-style "
+                   "UNet LoRAs come in: diffusers/PEFT (unet.<module>.lora_A/lora_B, alpha from the file's "
+                   "metadata), diffusers' older attention-processor files (processor.to_q_lora.down/up), kohya "
+                   "(lora_unet_..., .alpha) or ComfyUI's (diffusion_model.<key>). Keys that match nothing are named "
+                   "in a warning.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "An SDXS UNet (the input MODEL itself stays unpatched)."}),
+            "lora_name": (folder_paths.get_filename_list("loras"),
+                          {"tooltip": "A LoRA file in models/loras (.safetensors preferred)."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                   "tooltip": "LoRA scale (diffusers' lora_scale); 0 returns the MODEL unchanged."}),
+        }}
+
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The MODEL with the LoRA patched in (applied when a sampler loads it).",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, model, lora_name, strength):
+        if not isinstance(model.model, sdxs_host.SDXSModel):
+            raise ValueError(f"SDXSLoraLoader needs the SDXS UNet; got {type(model.model).__name__} (use "
+                             "LinearDiTLoraLoader for Waifu models)")
+        path = model_file("loras", lora_name)
+        if strength == 0:  # as the stock LoRA loaders: nothing to patch
+            return (model,)
+        return (waifu_host.apply_lora(model, path, strength, key_map=lora.unet_key_map, what="SDXS UNet",
+                                      kind="LoRA for the SDXS UNet", component="unet"),)
+
+
 NODES = {
     "SDXSSnapshotLoader": (SDXSSnapshotLoader, "Load SDXS Snapshot (AiArtLab, diffusers folder)"),
     "SDXSUNetLoader": (SDXSUNetLoader, "Load SDXS UNet (AiArtLab)"),
     "SDXSSampler": (SDXSSampler, "SDXS Sampler (DDPM / DDIM)"),
+    "SDXSLoraLoader": (SDXSLoraLoader, "Load SDXS LoRA (diffusers / kohya / ComfyUI)"),
 }

@@ -128,10 +128,12 @@ def unsupported_patches(model) -> list[str]:
     return found
 
 
-def apply_lora(model, path: Path, strength: float):
+def apply_lora(model, path: Path, strength: float, key_map=lora.key_map, what: str = "Linear DiT",
+               kind: str = "Waifu/Sana LoRA", component: str = "transformer"):
     """A clone of ``model`` with the LoRA file at ``path`` added as weight patches at ``strength`` (ComfyUI's
     patch system: the base MODEL stays unpatched for other branches). Every LoRA layout of waifukit.lora maps;
-    keys that map to nothing are named in a warning, and a file where nothing maps is refused."""
+    keys that map to nothing are named in a warning, and a file where nothing maps is refused. ``key_map`` /
+    ``what`` / ``kind`` / ``component`` name the model family (defaults: the Linear DiT; SDXS passes its own)."""
     sd = loading.read_state_dict(path)
     metadata = None
     if path.suffix.lower() == ".safetensors":
@@ -139,19 +141,19 @@ def apply_lora(model, path: Path, strength: float):
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata()
     try:
-        sd.update(lora.peft_alphas(sd, metadata))
+        sd.update(lora.peft_alphas(sd, metadata, component))
     except ValueError as e:
         raise loading.CheckpointError(f"{path}: {e}") from None
     shapes = {k: tuple(v.shape) for k, v in model.model.diffusion_model.state_dict().items()}
-    mapping = lora.key_map(shapes)
+    mapping = key_map(shapes)
     missing = lora.unmatched(sd, mapping)
     if len(missing) == len(sd):
         raise loading.CheckpointError(
-            f"{path}: none of its {len(sd)} tensors names a module of this Linear DiT (first: "
-            f"{', '.join(missing[:3])}); it is not a Waifu/Sana LoRA in the diffusers (PEFT), kohya or ComfyUI layout")
+            f"{path}: none of its {len(sd)} tensors names a module of this {what} (first: "
+            f"{', '.join(missing[:3])}); it is not a {kind} in the diffusers (PEFT), kohya or ComfyUI layout")
     if missing:
-        logging.warning("comfyui-waifu: LoRA %s: %d key(s) match no module of the Linear DiT and are NOT applied: %s",
-                        path.name, len(missing), ", ".join(missing))
+        logging.warning("comfyui-waifu: LoRA %s: %d key(s) match no module of the %s and are NOT applied: %s",
+                        path.name, len(missing), what, ", ".join(missing))
     present = {lora.prefix_of(k) for k in sd}
     patches = load_lora(sd, {p: t for p, t in mapping.items() if p in present}, log_missing=False)
     patched = model.clone()

@@ -79,6 +79,28 @@ def key_map(weight_shapes: dict) -> dict[str, PatchKey]:
     return out
 
 
+def unet_key_map(weight_shapes: dict) -> dict[str, PatchKey]:
+    """LoRA module prefix -> patch key for the SDXS UNet, whose keys are diffusers' UNet2DConditionModel names
+    (waifukit/sdxs.py): PEFT ``unet.<module>``, kohya ``lora_unet_<module with _>``, ComfyUI
+    ``diffusion_model.<module>`` and the attention-processor names of diffusers' older ``load_attn_procs`` files
+    (``<attn>.processor.to_q_lora.down.weight``, ``to_out_lora`` for ``to_out.0``)."""
+    out: dict[str, PatchKey] = {}
+    for key in weight_shapes:
+        if not key.endswith(".weight"):
+            continue
+        module = key[: -len(".weight")]
+        target = f"diffusion_model.{key}"
+        for alias in _aliases(module) + [f"unet.{module}"]:
+            out[alias] = target
+        head, _, tail = module.rpartition(".")
+        if tail == "0" and head.endswith(".to_out"):
+            head, tail = head[: -len(".to_out")], "to_out"
+        if tail in ("to_q", "to_k", "to_v", "to_out") and head.rpartition(".")[2].startswith("attn"):
+            for alias in (f"{head}.processor.{tail}", f"unet.{head}.processor.{tail}"):
+                out[alias] = target
+    return out
+
+
 def prefix_of(lora_key: str):
     """The module prefix of a LoRA tensor name, or None for a name no LoRA loader reads."""
     for suffix in _SUFFIXES:
@@ -92,7 +114,7 @@ def unmatched(lora_sd: dict, mapping: dict) -> list[str]:
     return sorted(k for k in lora_sd if prefix_of(k) not in mapping)
 
 
-def peft_alphas(lora_sd: dict, metadata: dict | None) -> dict:
+def peft_alphas(lora_sd: dict, metadata: dict | None, component: str = "transformer") -> dict:
     """``<prefix>.alpha`` tensors for a PEFT file whose alpha is only in its safetensors metadata (diffusers'
     ``lora_adapter_metadata``: ``lora_alpha`` and ``r``); ComfyUI's loader reads alphas only as tensors, and
     without one scales by 1, which is PEFT's alpha == r. Per-module patterns are refused (not guessed)."""
@@ -104,11 +126,11 @@ def peft_alphas(lora_sd: dict, metadata: dict | None) -> dict:
     meta = json.loads(raw)
     if not isinstance(meta, dict):
         return {}
-    # A pipeline's save_lora_weights (train_dreambooth_lora_sana.py) packs the transformer's LoraConfig as flat
-    # "transformer.<field>" keys (diffusers loaders/lora_base.py _pack_dict_with_prefix); a model's
-    # save_lora_adapter writes the fields bare.
-    packed = {k[len("transformer."):]: v for k, v in meta.items() if k.startswith("transformer.")}
-    meta = packed or meta.get("transformer", meta)
+    # A pipeline's save_lora_weights (train_dreambooth_lora_sana.py) packs the component's LoraConfig as flat
+    # "<component>.<field>" keys ("transformer." / "unet."; diffusers loaders/lora_base.py
+    # _pack_dict_with_prefix); a model's save_lora_adapter writes the fields bare.
+    packed = {k[len(component) + 1:]: v for k, v in meta.items() if k.startswith(f"{component}.")}
+    meta = packed or meta.get(component, meta)
     if meta.get("alpha_pattern") or meta.get("rank_pattern"):
         raise ValueError("lora_adapter_metadata has per-module alpha_pattern/rank_pattern, which this loader does "
                          "not apply; save the LoRA with one lora_alpha")

@@ -200,6 +200,23 @@ def test_dispatch_modes(monkeypatch):
     assert torch.equal(kernels.linear_attention(q, k, v, 1e-8), kernels.linear_attention_eager(q, k, v, 1e-8))
 
 
+
+def test_triton_mode_refuses_what_triton_cannot_run(monkeypatch):
+    """Issue 11: WAIFU_KERNELS=triton on CPU tensors without TRITON_INTERPRET said only Triton's "0 active drivers",
+    and an unsupported head dim silently ran the eager twin. Both are now refused, saying what to set."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("WAIFU_KERNELS", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1.*") as e:
+        kernels.use_triton(torch.device("cpu"))
+    assert "WAIFU_KERNELS" in str(e.value) and "GPU" in str(e.value)
+    q, k, v = (torch.randn(1, 10, 2, 24) for _ in range(3))  # head dim 24: no Triton kernel for it
+    with pytest.raises(RuntimeError, match="head dims 16, 32, 64, 128; this model has 24. Set WAIFU_KERNELS=auto"):
+        kernels.linear_attention(q, k, v, 1e-8)
+    # Control: the same call in auto mode runs the eager twin.
+    monkeypatch.setenv("WAIFU_KERNELS", "auto")
+    assert torch.equal(kernels.linear_attention(q, k, v, 1e-8), kernels.linear_attention_eager(q, k, v, 1e-8))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU only: the compiled kernels at Waifu's shape, torch.compile, CUDA graphs
 

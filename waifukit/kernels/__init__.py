@@ -4,6 +4,9 @@
   ``auto`` (default)  Triton for CUDA tensors if ``triton`` imports, else eager;
   ``eager``           always the pure-torch twins;
   ``triton``          always Triton (on CPU only with ``TRITON_INTERPRET=1`` set before import; slow, for tests).
+                      What Triton cannot run is refused with an error that says what to set, never swapped for
+                      the eager twin: CPU tensors without TRITON_INTERPRET, and head dims other than
+                      ``TRITON_HEAD_DIMS`` (``auto`` runs the eager twin for those).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from .eager import cfg_euler as cfg_euler_eager
 from .eager import linear_attention as linear_attention_eager
 
 _MODES = ("auto", "eager", "triton")
+TRITON_HEAD_DIMS = (16, 32, 64, 128)  # what the linear-attention kernel's block sizes cover
 _triton_mod = None
 _triton_error: Optional[BaseException] = None
 # Set when a Triton kernel failed at run time (e.g. it does not compile on this GPU or Triton version): auto mode
@@ -49,8 +53,14 @@ def use_triton(device: torch.device) -> bool:
     if mode == "eager":
         return False
     if mode == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            # Triton itself would fail with "0 active drivers".
+            raise RuntimeError(f"WAIFU_KERNELS=triton, but these tensors are on {device.type} and Triton runs on CUDA "
+                               "GPUs only. Unset WAIFU_KERNELS (or set it to auto or eager) to use the eager kernels; "
+                               "for tests on a CPU, set TRITON_INTERPRET=1 before starting Python.")
         if load_triton() is None:
-            raise RuntimeError(f"WAIFU_KERNELS=triton but triton cannot be imported: {_triton_error!r}")
+            raise RuntimeError(f"WAIFU_KERNELS=triton but triton cannot be imported: {_triton_error!r}. Install "
+                               "triton, or set WAIFU_KERNELS=auto (or eager) to use the eager kernels.")
         return True
     return device.type == "cuda" and _triton_failed is None and load_triton() is not None
 
@@ -79,7 +89,13 @@ def _triton_cfg_euler(x, v, sigmas, i, cfg, want_x0):
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
     """ReLU linear attention on token-major [B, N, heads, dim] views (strided views of the qkv output are fine);
     returns [B, N, heads, dim] in q's dtype. fp32 state and divide on both paths."""
-    if q.shape[-1] in (16, 32, 64, 128) and use_triton(q.device):
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
+        if kernel_mode() == "triton":
+            raise RuntimeError(f"WAIFU_KERNELS=triton: the Triton linear-attention kernel takes head dims "
+                               f"{', '.join(map(str, TRITON_HEAD_DIMS))}; this model has {q.shape[-1]}. Set "
+                               "WAIFU_KERNELS=auto to run the eager kernel for it.")
+        return linear_attention_eager(q, k, v, eps)
+    if use_triton(q.device):
         return _guarded(lambda: _triton_linear_attention(q, k, v, eps), lambda: linear_attention_eager(q, k, v, eps))
     return linear_attention_eager(q, k, v, eps)
 

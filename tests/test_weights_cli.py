@@ -358,9 +358,9 @@ def test_loader_errors_name_the_cli_line(tmp_path):
     assert "python -m waifukit weights fetch waifu-2b --comfyui /path/to/ComfyUI" in FETCH_HINT
     assert "huggingface-cli download AiArtLab/waifu-2b --local-dir ComfyUI/models/diffusers/waifu-2b" in FETCH_HINT
     assert "weights fetch other-model --comfyui" in fetch_hint("other-model")
-    from waifukit.loading import CheckpointError, read_state_dict
+    from waifukit.loading import CheckpointError, resolve_linear_dit
     with pytest.raises(CheckpointError, match="python -m waifukit weights fetch waifu-2b"):
-        read_state_dict(tmp_path / "missing.safetensors")
+        resolve_linear_dit(tmp_path / "missing.safetensors")
 
 
 def test_module_entry_point_subprocess(tmp_path, comfy):

@@ -269,10 +269,11 @@ def find_clip_tokenizer(weights: Path) -> Path:
     return candidates[-1]
 
 
-def resolve_clip_text(path: Path, tokenizer: Optional[Path] = None):
-    """(params, state dict, weights file, tokenizer) for a text_encoder/ folder, a snapshot root or a file."""
+def resolve_clip_text(path: Path, tokenizer: Optional[Path] = None, hint: str = ""):
+    """(params, state dict, weights file, tokenizer) for a text_encoder/ folder, a snapshot root or a file;
+    ``hint``: where the snapshot it belongs to is published (registry.fetch_hint)."""
     from .loading import load_component
-    sd, cfg, weights = load_component(path, "text_encoder")
+    sd, cfg, weights = load_component(path, "text_encoder", hint)
     try:
         sd = to_native_layout(sd)
     except ValueError as e:

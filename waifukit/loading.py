@@ -82,13 +82,15 @@ def _numpy_array_globals() -> list:
     return allowed
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, hint: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a weights file; ``hint`` (registry.fetch_hint of the model the caller loads) ends the
+    messages that call for a fresh download."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: file not found. {FETCH_HINT}")
+        raise CheckpointError(f"{path}: file not found. {hint}".rstrip())
     suffix = path.suffix.lower()
     if is_shard_index(path):
-        return read_sharded(path)
+        return read_sharded(path, hint)
     if suffix in SAFE_SUFFIXES:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -96,15 +98,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return _read_safetensors_header(path) if _HEADERS_ONLY.get() else load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it is probably truncated "
-                                  f"or corrupt: download it again. {FETCH_HINT}") from None
+                                  f"or corrupt: download it again. {hint}".rstrip()) from None
     if suffix in PICKLE_SUFFIXES:
         try:
             meta = _HEADERS_ONLY.get()
             with torch.serialization.safe_globals(_numpy_array_globals()):
                 obj = torch.load(str(path), map_location="meta" if meta else "cpu", weights_only=True, mmap=meta)
         except Exception as e:  # weights_only refuses arbitrary pickles; anything else is a bad file
-            raise CheckpointError(f"{path}: could not be read as a weights-only torch checkpoint ({e}). "
-                                  f"Use the .safetensors release of this model instead.") from None
+            raise CheckpointError(pickle_refusal(path, e, hint)) from None
         for key in ("state_dict", "model", "module", "ema"):
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]
@@ -116,11 +117,32 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                           f"sharded checkpoint's *.safetensors.index.json)")
 
 
+def pickle_refusal(path: Path, error: Exception, hint: str) -> str:
+    """Our words for a .pth/.ckpt/.bin that torch.load(weights_only=True) refused: torch's own text carries ANSI
+    codes and advises weights_only=False, which would run the file's code."""
+    import pickle
+    import re
+    if isinstance(error, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = f" (it asks for {found.group(1)})" if found else ""
+        return (f"{path}: refused: this pickle file holds code or objects other than tensors{what}, or is not a "
+                f"torch checkpoint at all. comfyui-waifu never executes pickles (it reads them with "
+                f"torch.load(weights_only=True)). Use the model's .safetensors release instead. {hint}").rstrip()
+    return (f"{path}: not a readable torch checkpoint ({type(error).__name__}: the file is empty, truncated or "
+            f"corrupt); download the model's .safetensors release instead. {hint}").rstrip()
+
+
 def read_json(path: Path) -> dict:
+    """A JSON object from a model folder (every config, tokenizer and index file we read is one)."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable JSON ({e})") from None
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{path}: unreadable JSON ({e}); replace it with the file from the model's "
+                              "published snapshot") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(data).__name__}, not the JSON object (name: value "
+                              "pairs) this file must be; replace it with the file from the model's published snapshot")
+    return data
 
 
 # Weight file names in preference order: the published snapshot ships the fp16 variants. Each single file is
@@ -140,7 +162,7 @@ def is_shard_index(path: Path) -> bool:
     return name.endswith(".json") and ".index" in name and (".safetensors.index" in name or ".bin.index" in name)
 
 
-def read_sharded(index: Path) -> dict[str, torch.Tensor]:
+def read_sharded(index: Path, hint: str = "") -> dict[str, torch.Tensor]:
     """A sharded checkpoint through its index: every shard the index names must exist, and every indexed key must
     be in exactly the shard the index names, once; a shard holding keys the index does not list is refused too
     (a mixed-up folder, e.g. shards of two saves)."""
@@ -153,13 +175,13 @@ def read_sharded(index: Path) -> dict[str, torch.Tensor]:
     missing = [name for name in shards if not (index.parent / name).is_file()]
     if missing:
         raise CheckpointError(f"{index}: lists shard(s) that are not in {index.parent}: {', '.join(missing)}. "
-                              f"Download the missing shard(s). {FETCH_HINT}")
+                              f"Download the missing shard(s). {hint}".rstrip())
     out: dict[str, torch.Tensor] = {}
     for name in shards:
         path = index.parent / name
         if is_shard_index(path):
             raise CheckpointError(f"{index}: shard {name} is itself an index")
-        part = read_state_dict(path)
+        part = read_state_dict(path, hint)
         stray = [k for k in part if weight_map.get(k) != name]
         twice = [k for k in part if k in out]
         if twice:
@@ -176,7 +198,7 @@ def read_sharded(index: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def index_of_shard(path: Path) -> Optional[Path]:
+def index_of_shard(path: Path, hint: str = "") -> Optional[Path]:
     """The index json that lists a shard file (so picking any shard loads the whole checkpoint), or None."""
     path = Path(path)
     m = _SHARD.match(path.name)
@@ -190,10 +212,10 @@ def index_of_shard(path: Path) -> Optional[Path]:
             except (CheckpointError, AttributeError):
                 continue
     raise CheckpointError(f"{path}: is one shard of a sharded checkpoint, but no *.index.json beside it lists it. "
-                          f"Download the index file with the shards. {FETCH_HINT}")
+                          f"Download the index file with the shards. {hint}".rstrip())
 
 
-def find_weights(folder: Path) -> Path:
+def find_weights(folder: Path, hint: str = "") -> Path:
     """The weights of a component folder: a single file or a shard index (read_state_dict reads both)."""
     for name in _WEIGHT_NAMES:
         if (folder / name).is_file():
@@ -210,26 +232,27 @@ def find_weights(folder: Path) -> Path:
     if len(found) == 1:
         return found[0]
     if not found:
-        raise CheckpointError(f"{folder}: no weights file (expected one of {', '.join(_WEIGHT_NAMES)}). {FETCH_HINT}")
+        raise CheckpointError(f"{folder}: no weights file (expected one of {', '.join(_WEIGHT_NAMES)}). {hint}".rstrip())
     if any(_SHARD.match(p.name) for p in found):
         raise CheckpointError(f"{folder}: sharded weights ({', '.join(p.name for p in found if _SHARD.match(p.name))}) "
-                              f"without the *.safetensors.index.json that lists them: download it too. {FETCH_HINT}")
+                              f"without the *.safetensors.index.json that lists them: download it too. {hint}".rstrip())
     raise CheckpointError(f"{folder}: several weight files ({', '.join(p.name for p in found)}); keep one")
 
 
-def load_component(path: Path, sub: str) -> tuple[dict, Optional[dict], Path]:
-    """(state dict, config.json or None, weights file) for a file, a component folder or a snapshot root."""
+def load_component(path: Path, sub: str, hint: str = "") -> tuple[dict, Optional[dict], Path]:
+    """(state dict, config.json or None, weights file) for a file, a component folder or a snapshot root;
+    ``hint`` says where the model the caller loads is published (registry.fetch_hint)."""
     path = Path(path)
     if path.is_dir():
         folder = path / sub if (path / sub).is_dir() else path
-        weights = find_weights(folder)
+        weights = find_weights(folder, hint)
     else:
-        folder, weights = path.parent, index_of_shard(path) or path
+        folder, weights = path.parent, index_of_shard(path, hint) or path
     cfg_path = folder / "config.json"
     # A config.json only counts when it sits in a component folder (the snapshot layout), not beside
     # unrelated single files in models/<kind>/.
     cfg = read_json(cfg_path) if cfg_path.is_file() and (path.is_dir() or weights.parent.name == sub) else None
-    return read_state_dict(weights), cfg, weights
+    return read_state_dict(weights, hint), cfg, weights
 
 
 def convert_layout(fn, sd, weights: Path, family: str):
@@ -249,7 +272,7 @@ class Resolved:
 
 def resolve_linear_dit(path: Path) -> Resolved:
     from .sana import LinearDiTParams, to_sana_layout
-    sd, cfg, weights = load_component(path, "transformer")
+    sd, cfg, weights = load_component(path, "transformer", FETCH_HINT)
     sd = convert_layout(to_sana_layout, sd, weights, "Waifu/Sana Linear DiT")
     try:
         params = LinearDiTParams.from_diffusers_config(cfg) if cfg else LinearDiTParams.infer(sd)
@@ -282,9 +305,10 @@ def find_tokenizer(weights: Path) -> Path:
     return candidates[-1]  # the tokenizer loader then names what is missing
 
 
-def resolve_vae(path: Path) -> Resolved:
+def resolve_vae(path: Path, hint: str = FETCH_HINT) -> Resolved:
+    """The 16-channel VAE; it ships in both waifu-2b and sdxs, so the caller's hint names which."""
     from .vae import AutoencoderKLParams, check_latent_channels, to_native_layout
-    sd, cfg, weights = load_component(path, "vae")
+    sd, cfg, weights = load_component(path, "vae", hint)
     sd = convert_layout(to_native_layout, sd, weights, "16-channel AutoencoderKL VAE")
     try:
         params = AutoencoderKLParams.infer(sd)
@@ -319,5 +343,6 @@ def load_strict(module: torch.nn.Module, sd: dict, source: Path) -> None:
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
         if bad:
             parts.append(f"shape mismatches (e.g. {bad[:3]})")
-        raise CheckpointError(f"{source}: weights do not fit the model: {'; '.join(parts)}")
+        raise CheckpointError(f"{source}: weights do not fit the model: {'; '.join(parts)}. It is another model's "
+                              "file or a damaged one: pick the file this loader is for, or download it again")
     module.load_state_dict(sd, strict=True)

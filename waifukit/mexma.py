@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from . import loading
 from .ops import TorchOps, cast_like
 from .xlmr import XLMRobertaParams, XLMRobertaTextModel, to_native_layout as xlmr_native
+from .registry import fetch_hint
 
 MISSING_PROJECTOR = ("missing projector weights: this MEXMA-SigLIP text encoder has no text_projector "
                      "(1024->1152), which SDXS conditions on. Load the full visheratin/mexma-siglip model.safetensors "
@@ -417,10 +418,11 @@ def _find_projector_folder(weights: Path) -> Optional[Path]:
     return None
 
 
-def resolve_mexma(path: Path, tokenizer: Optional[Path] = None) -> ResolvedMexma:
-    """A MEXMA-SigLIP (or its XLM-R text tower) from a file, a component folder or a snapshot root."""
+def resolve_mexma(path: Path, tokenizer: Optional[Path] = None, hint: str = fetch_hint("mexma-siglip")) -> ResolvedMexma:
+    """A MEXMA-SigLIP (or its XLM-R text tower) from a file, a component folder or a snapshot root (whose
+    loader passes its own model's ``hint``)."""
     from .tokenizer import XLMRTokenizer
-    sd, cfg, weights = loading.load_component(Path(path), "text_encoder")
+    sd, cfg, weights = loading.load_component(Path(path), "text_encoder", hint)
     text, proj, vision = split_mexma(sd)
     text = loading.convert_layout(xlmr_native, text, weights, "MEXMA-SigLIP / XLM-R text encoder")
     try:
@@ -428,9 +430,9 @@ def resolve_mexma(path: Path, tokenizer: Optional[Path] = None) -> ResolvedMexma
     except (ValueError, KeyError) as e:
         raise loading.CheckpointError(f"{weights}: unsupported text-encoder config: {e}") from None
     if proj is None and (folder := _find_projector_folder(weights)) is not None:
-        pw = loading.find_weights(folder)
+        pw = loading.find_weights(folder, hint)
         try:
-            proj = projector_from(loading.read_state_dict(pw), str(pw))
+            proj = projector_from(loading.read_state_dict(pw, hint), str(pw))
         except ValueError as e:
             raise loading.CheckpointError(str(e)) from None
     out_sd = {f"text_model.{k}": v for k, v in text.items()}

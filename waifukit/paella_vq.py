@@ -142,7 +142,7 @@ def to_native_layout(sd: dict) -> dict:
 
 
 def resolve_vqgan(path: Path):
-    sd, cfg, weights = load_component(path, "vqgan")
+    sd, cfg, weights = load_component(path, "vqgan", fetch_hint("wuerstchen"))
     try:
         sd = to_native_layout(sd)
     except ValueError:

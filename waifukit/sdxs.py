@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ops import TorchOps
+from .registry import fetch_hint
 
 
 @dataclass
@@ -564,7 +565,7 @@ def resolve_unet(path):
     from . import loading
     from .ddpm import DDPMParams
     path = Path(path)
-    sd, cfg, weights = loading.load_component(path, "unet")
+    sd, cfg, weights = loading.load_component(path, "unet", fetch_hint("sdxs"))
     sd = loading.convert_layout(to_native_layout, sd, weights, "SDXS UNet (diffusers UNet2DConditionModel)")
     stem = weights.name.split(".")[0]
     if cfg is None and (side := _sidecar(weights, (f"{stem}.json", f"{stem}.config.json"))) is not None:

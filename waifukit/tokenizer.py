@@ -108,6 +108,9 @@ class XLMRTokenizer:
                     config = json.load(f)
             except (OSError, ValueError) as e:
                 raise ValueError(f"{config_file!r} is not valid JSON: {e}") from e
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_file!r} holds a JSON {type(config).__name__}, not an object; replace it with "
+                                 f"the published file. To fix: {_FIX_HINT}.")
         return cls(tokenizer, pad_token=_pad_token(tokenizer, config), pipeline=pipeline,
                    add_prefix_space=bool(config.get("add_prefix_space", True)), source=file)
 

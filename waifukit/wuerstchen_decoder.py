@@ -202,7 +202,7 @@ def to_native_layout(sd: dict) -> dict:
 
 def resolve_decoder(path: Path):
     """(params, state dict, weights file) for a decoder file, the decoder/ folder, or the snapshot root."""
-    sd, cfg, weights = load_component(path, "decoder")
+    sd, cfg, weights = load_component(path, "decoder", fetch_hint("wuerstchen"))
     try:
         sd = to_native_layout(sd)
     except ValueError:

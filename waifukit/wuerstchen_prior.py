@@ -113,7 +113,7 @@ def to_native_layout(sd: dict) -> dict:
 
 def resolve_prior(path: Path):
     """(params, state dict, weights file) for a prior file, the prior/ folder, or the snapshot root."""
-    sd, cfg, weights = load_component(path, "prior")
+    sd, cfg, weights = load_component(path, "prior", fetch_hint("wuerstchen-prior"))
     try:
         sd = to_native_layout(sd)
     except ValueError:

@@ -1,7 +1,9 @@
 """Shared pieces of the ComfyUI layer: dtype choice, model-folder lookups, the category."""
 from __future__ import annotations
 
+import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -57,14 +59,66 @@ LATENT_IMAGE_INPUT = ("LATENT", {"tooltip": "Start from this latent (VAEEncode o
 RAW_LATENT_TOOLTIP = "Raw 16-channel VAE latents (decode with AuraVAE16Decode or VAEDecode)."
 
 
-def check_side(name: str, value: int, multiple: int, lowest: int, highest: int, why: str):
+def check_side(name: str, value, multiple: int, lowest: int, highest: int, why: str):
     """A validation message for an image side that is off the model's grid (with the nearest valid value), or
     None. Used from VALIDATE_INPUTS, which turns off ComfyUI's own range check for the inputs it names."""
+    if value is None:  # a link: its value is only known when the node runs
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{name} must be a whole number; got {_shown(value)} ({type(value).__name__})"
     if value % multiple or not lowest <= value <= highest:
         nearest = min(max(lowest, round(value / multiple) * multiple), highest)
         return (f"{name} must be a multiple of {multiple} between {lowest} and {highest} ({why}); got {value}, "
                 f"nearest valid: {nearest}")
     return None
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_value(name: str, value, kind: str, opts: dict):
+    """A message naming ``name`` for a widget value ComfyUI's own checks let through, or None. ComfyUI's min/max
+    comparisons are all False for NaN (and its API takes JSON NaN/Infinity), and it skips min/max for inputs a
+    VALIDATE_INPUTS names; a value it could not convert reaches us unconverted. Never raises."""
+    if value is None:  # a link
+        return None
+    if kind in ("FLOAT", "INT"):
+        want = "a number" if kind == "FLOAT" else "a whole number"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "INT" and isinstance(value, float)):
+            return f"{name} must be {want}; got {_shown(value)} ({type(value).__name__})"
+        if not math.isfinite(value):
+            return f"{name} must be a finite number; got {value} (NaN and infinities are refused)"
+        lo, hi = opts.get("min"), opts.get("max")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            return f"{name} must be between {lo} and {hi}; got {value}"
+    elif kind == "STRING" and not isinstance(value, str):
+        return f"{name} must be text; got {type(value).__name__}"
+    return None
+
+
+def check_inputs(cls, **values):
+    """The body of our nodes' VALIDATE_INPUTS: every value named is checked against the node's INPUT_TYPES entry
+    (check_value); True or the first message. tests/test_reliability.py requires every FLOAT input of every node
+    to be named (NaN would otherwise pass ComfyUI's range check)."""
+    spec = cls.INPUT_TYPES()
+    declared = {**spec.get("required", {}), **spec.get("optional", {})}
+    for name, value in values.items():
+        kind, *opts = declared[name]
+        problem = check_value(name, value, kind, opts[0] if opts else {})
+        if problem:
+            return problem
+    return True
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """Text inputs: lone UTF-16 surrogates (valid JSON escapes such as "\\ud800", but not Unicode characters, so
+    tokenizers cannot take them) become U+FFFD, as a UTF-8 decoder's errors="replace" does; all else is kept."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def start_latent(latent_image, fmt, family: str):

@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 
 from ..waifukit.mexma import PROMPT_FORMATS
+from ..waifukit.registry import fetch_hint
 from . import mexma_host
-from .common import CATEGORY, DTYPE_INPUT, TEXT_DEVICE_INPUT, model_file
+from .common import CATEGORY, DTYPE_INPUT, TEXT_DEVICE_INPUT, check_inputs, clean_text, model_file
 from .core_api import folder_paths
 
 
@@ -26,7 +27,7 @@ def _text_encoder_path(name: str) -> Path:
     for base in folder_paths.get_folder_paths("text_encoders"):
         if os.path.isdir(os.path.join(base, name)):
             return Path(base) / name
-    return model_file("text_encoders", name)
+    return model_file("text_encoders", name, fetch_hint("mexma-siglip"))
 
 
 
@@ -95,10 +96,14 @@ class MexmaSigLIPEncode:
     FUNCTION = "encode"
     CATEGORY = CATEGORY
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, image_weight=None):
+        return check_inputs(cls, image_weight=image_weight)
+
     def encode(self, text_encoder, text, image=None, image_weight=0.5, prompt_format=PROMPT_FORMAT_AUTO):
         if prompt_format not in PROMPT_FORMAT_CHOICES:
             raise ValueError(f"prompt_format must be one of {list(PROMPT_FORMAT_CHOICES)}, got {prompt_format!r}")
-        hidden, mask, pooled = text_encoder.encode_prompt(text, PROMPT_FORMAT_CHOICES[prompt_format])
+        hidden, mask, pooled = text_encoder.encode_prompt(clean_text(text), PROMPT_FORMAT_CHOICES[prompt_format])
         extras = {"attention_mask": mask}
         if pooled is not None:
             extras["pooled_output"] = pooled
@@ -147,6 +152,10 @@ class MexmaSigLIPImagePrompt:
     OUTPUT_TOOLTIPS = ("The conditioning with pooled_output = lerp(text, image, weight).",)
     FUNCTION = "mix"
     CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, weight=None):
+        return check_inputs(cls, weight=weight)
 
     def mix(self, conditioning, text_encoder, image, weight):
         return (mix_image(conditioning, text_encoder, image, weight),)

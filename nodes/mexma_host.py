@@ -85,8 +85,9 @@ class MexmaTextEncoder:
 
 
 def load_text_encoder(path: Path, dtype_choice: str = "auto", tokenizer: Path | None = None,
-                      device: str = "default") -> MexmaTextEncoder:
-    res = resolve_mexma(path, tokenizer)
+                      device: str = "default", hint: str | None = None) -> MexmaTextEncoder:
+    """``hint``: the fetch hint of the snapshot the tower comes from (default: visheratin/mexma-siglip's)."""
+    res = resolve_mexma(path, tokenizer) if hint is None else resolve_mexma(path, tokenizer, hint)
     # device="cpu" keeps the text tower off the GPU (and its VRAM for the diffusion model), like core's
     # "Force CLIP device" idiom; it then also computes in fp32 under dtype auto.
     if device == "cpu":

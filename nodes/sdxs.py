@@ -15,7 +15,8 @@ from ..waifukit.registry import MODELS, fetch_hint
 from ..waifukit.sdxs import is_sdxs_snapshot
 from . import mexma_host, sdxs_host, vae16_host, waifu_host
 from .common import (BATCH_SIZE_INPUT, CATEGORY, DENOISE_INPUT, DTYPE_INPUT, LATENT_IMAGE_INPUT, RAW_LATENT_TOOLTIP,
-                     TEXT_DEVICE_INPUT, WEIGHT_DTYPE_INPUT, check_side, diffusers_folder, diffusers_folders, model_file, start_latent)
+                     TEXT_DEVICE_INPUT, WEIGHT_DTYPE_INPUT, check_inputs, check_side, diffusers_folder, diffusers_folders,
+                     model_file, start_latent)
 from .core_api import folder_paths, latent_preview, mm
 
 SDXS_HINT = fetch_hint("sdxs")
@@ -47,9 +48,10 @@ class SDXSSnapshotLoader:
     def load(self, snapshot, dtype, text_encoder_device="default", weight_dtype="default"):
         root = diffusers_folder(snapshot, is_sdxs_snapshot,
                                 "SDXS snapshot (needs unet/, text_encoder/, tokenizer/, vae/, scheduler/)", SDXS_HINT)
-        te = mexma_host.load_text_encoder(root, dtype, device=text_encoder_device)
+        te = mexma_host.load_text_encoder(root, dtype, device=text_encoder_device, hint=SDXS_HINT)
         te.require_projector()  # SDXS cannot run without it: say so at load time
-        return sdxs_host.load_unet(root, dtype, weight_dtype=weight_dtype), te, vae16_host.load_vae(root / "vae", dtype)
+        return (sdxs_host.load_unet(root, dtype, weight_dtype=weight_dtype), te,
+                vae16_host.load_vae(root / "vae", dtype, SDXS_HINT))
 
 
 class SDXSUNetLoader:
@@ -142,8 +144,9 @@ class SDXSSampler:
     CATEGORY = CATEGORY
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width, height):
-        return _check_size("width", width) or _check_size("height", height) or True
+    def VALIDATE_INPUTS(cls, width=None, height=None, cfg=None, denoise=None):
+        return (_check_size("width", width) or _check_size("height", height)
+                or check_inputs(cls, cfg=cfg, denoise=denoise))
 
     def sample(self, model, positive, negative, seed, steps, cfg, width, height, batch_size, sampler, denoise,
                latent_image=None):
@@ -221,6 +224,10 @@ class SDXSLoraLoader:
     OUTPUT_TOOLTIPS = ("The MODEL with the LoRA patched in (applied when a sampler loads it).",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, strength=None):
+        return check_inputs(cls, strength=strength)
 
     def load(self, model, lora_name, strength):
         if not isinstance(model.model, sdxs_host.SDXSModel):

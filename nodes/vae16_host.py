@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import uuid
 from pathlib import Path
 
 import torch
@@ -85,34 +87,75 @@ def _preview_cache_path() -> str:
     return os.path.join(folder_paths.get_user_directory(), "comfyui-waifu", "latent_rgb_factors.json")
 
 
+def _usable(entry, channels: int) -> bool:
+    """A cache entry as preview_factors writes it: ``channels`` RGB rows and an RGB bias, all finite numbers."""
+    def rgb(row):
+        return (isinstance(row, list) and len(row) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                                 and math.isfinite(v) for v in row))
+    return (isinstance(entry, dict) and isinstance(entry.get("factors"), list) and len(entry["factors"]) == channels
+            and all(rgb(r) for r in entry["factors"]) and rgb(entry.get("bias")))
+
+
+def _read_cache(path: str) -> dict:
+    """The cache file's entries; a missing file is empty, a damaged one is refitted (with a warning)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            cache = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        logging.warning("comfyui-waifu: preview-factor cache %s is damaged (%s); fitting the factors again", path, e)
+        return {}
+    if not isinstance(cache, dict):
+        logging.warning("comfyui-waifu: preview-factor cache %s holds a JSON %s, not an object; fitting the factors "
+                        "again", path, type(cache).__name__)
+        return {}
+    return cache
+
+
+def _write_cache(path: str, key: str, entry: dict) -> None:
+    """Add one entry. Several ComfyUI processes may share user/: each writes its own temp file and renames it over
+    the cache (atomic), so a reader sees the old or the new file, never a mix; at worst a concurrent entry is lost
+    and refitted later."""
+    tmp = f"{path}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        cache = _read_cache(path)
+        cache[key] = entry
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(cache, f)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only user dir only costs a refit next time
+        logging.info("comfyui-waifu: could not cache preview factors: %s", e)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
 def preview_factors(vae: AuraVAE, params) -> dict:
     """{"factors", "bias"} mapping model-space latents to preview RGB, derived from this VAE file."""
     st = os.stat(vae.source)
     key = f"{os.path.abspath(vae.source)}|{st.st_size}|{int(st.st_mtime)}"
     path = _preview_cache_path()
-    try:
-        cache = json.loads(open(path).read())
-    except (OSError, ValueError):
-        cache = {}
-    if key not in cache:
+    entry = _read_cache(path).get(key)
+    if entry is not None and not _usable(entry, params.latent_channels):
+        logging.warning("comfyui-waifu: preview-factor cache %s has a damaged entry for %s; fitting it again",
+                        path, vae.source)
+        entry = None
+    if entry is None:
         module = vae.first_stage_model
         device = next(module.parameters()).device
         factors, bias = fit_latent_rgb(module.decode, params.latent_channels, params.scaling_factor,
                                        params.shift_factor or 0.0, device=device, dtype=vae.vae_dtype)
-        cache[key] = {"factors": factors, "bias": bias}
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path + ".tmp", "w") as f:
-                json.dump(cache, f)
-            os.replace(path + ".tmp", path)
-        except OSError as e:  # a read-only user dir only costs a refit next time
-            logging.info("comfyui-waifu: could not cache preview factors: %s", e)
-    PREVIEW_FACTORS[(float(params.scaling_factor), float(params.shift_factor or 0.0))] = cache[key]
-    return cache[key]
+        entry = {"factors": factors, "bias": bias}
+        _write_cache(path, key, entry)
+    PREVIEW_FACTORS[(float(params.scaling_factor), float(params.shift_factor or 0.0))] = entry
+    return entry
 
 
-def load_vae(path: Path, dtype_choice: str = "auto") -> AuraVAE:
-    res = loading.resolve_vae(path)
+def load_vae(path: Path, dtype_choice: str = "auto", hint: str = loading.FETCH_HINT) -> AuraVAE:
+    res = loading.resolve_vae(path, hint)
     module = AutoencoderKL(res.params, dtype=torch.float32)
     loading.load_strict(module, res.state_dict, res.source)
     device = mm.vae_device()

@@ -16,7 +16,8 @@ from ..waifukit.loading import is_waifu_snapshot
 from ..waifukit.registry import FETCH_HINT, MODELS, WAIFU_BUCKETS, bucket_label
 from . import mexma_host, vae16_host, waifu_host
 from .common import (BATCH_SIZE_INPUT, CATEGORY, DENOISE_INPUT, DTYPE_INPUT, LATENT_IMAGE_INPUT, RAW_LATENT_TOOLTIP,
-                     TEXT_DEVICE_INPUT, WEIGHT_DTYPE_INPUT, check_side, diffusers_folder, diffusers_folders, model_file, start_latent)
+                     TEXT_DEVICE_INPUT, WEIGHT_DTYPE_INPUT, check_inputs, check_side, diffusers_folder, diffusers_folders,
+                     model_file, start_latent)
 from .core_api import folder_paths, latent_preview, mm, sample_custom, sampler_object
 
 WAIFU_DEFAULTS = MODELS["waifu-2b"]
@@ -46,7 +47,8 @@ class WaifuSnapshotLoader:
     def load(self, snapshot, dtype, text_encoder_device="default", weight_dtype="default"):
         root = diffusers_folder(snapshot, is_waifu_snapshot,
                                 "Waifu snapshot (needs transformer/, text_encoder/, tokenizer/, vae/, scheduler/)")
-        return (waifu_host.load_dit(root, dtype, weight_dtype=weight_dtype), mexma_host.load_text_encoder(root, dtype, device=text_encoder_device),
+        return (waifu_host.load_dit(root, dtype, weight_dtype=weight_dtype),
+                mexma_host.load_text_encoder(root, dtype, device=text_encoder_device, hint=FETCH_HINT),
                 vae16_host.load_vae(root / "vae", dtype))
 
 
@@ -129,9 +131,11 @@ class LinearDiTSampler:
     CATEGORY = CATEGORY
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width, height):
-        # Naming width/height here turns off ComfyUI's own range check for them, so _check_size does both.
-        return _check_size("width", width) or _check_size("height", height) or True
+    def VALIDATE_INPUTS(cls, width=None, height=None, cfg=None, shift=None, denoise=None):
+        # Naming an input here turns off ComfyUI's own range check for it: _check_size and check_inputs do it.
+        # None: a link, or a value missing from the prompt (ComfyUI reports that itself).
+        return (_check_size("width", width) or _check_size("height", height)
+                or check_inputs(cls, cfg=cfg, shift=shift, denoise=denoise))
 
     def sample(self, model, positive, negative, seed, steps, cfg, width, height, batch_size, shift, denoise,
                latent_image=None):
@@ -215,6 +219,10 @@ class LinearDiTLoraLoader:
     OUTPUT_TOOLTIPS = ("The MODEL with the LoRA patched in (applied when a sampler loads it).",)
     FUNCTION = "load"
     CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, strength=None):
+        return check_inputs(cls, strength=strength)
 
     def load(self, model, lora_name, strength):
         path = model_file("loras", lora_name)

@@ -15,7 +15,7 @@ import torch
 from ..waifukit.registry import MODELS, fetch_hint
 from ..waifukit.wuerstchen_sched import SCHEDULES, timesteps
 from . import wuerstchen_host as host
-from .common import CATEGORY, DTYPE_INPUT, check_side, diffusers_folder, diffusers_folders, model_file
+from .common import CATEGORY, DTYPE_INPUT, check_inputs, check_side, clean_text, diffusers_folder, diffusers_folders, model_file
 from .core_api import folder_paths
 
 PRIOR_HINT = fetch_hint("wuerstchen-prior")
@@ -183,7 +183,7 @@ class WuerstchenTextEncode:
     CATEGORY = CATEGORY
 
     def encode(self, clip, text):
-        hidden = clip.encode([text])
+        hidden = clip.encode([clean_text(text)])
         return ([[hidden, {"wuerstchen_clip": clip.role, "wuerstchen_clip_width": clip.width}]],)
 
 
@@ -243,8 +243,8 @@ class WuerstchenStageC:
     CATEGORY = CATEGORY
 
     @classmethod
-    def VALIDATE_INPUTS(cls, width, height):
-        return _check_size("width", width) or _check_size("height", height) or True
+    def VALIDATE_INPUTS(cls, width=None, height=None, cfg=None):
+        return _check_size("width", width) or _check_size("height", height) or check_inputs(cls, cfg=cfg)
 
     def sample(self, prior, positive, negative, width, height, batch_size, seed, steps, schedule, cfg):
         for name, value in (("width", width), ("height", height)):
@@ -287,6 +287,10 @@ class WuerstchenStageB:
     OUTPUT_TOOLTIPS = ("Stage B latents [B,4,H/4,W/4] for WuerstchenStageA (or VAEDecode with the VQGAN).",)
     FUNCTION = "sample"
     CATEGORY = CATEGORY
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, cfg=None):
+        return check_inputs(cls, cfg=cfg)
 
     def sample(self, decoder, embeddings, positive, seed, steps, cfg, negative=None):
         p = decoder.params

@@ -20,6 +20,7 @@ from ..waifukit import loading
 from ..waifukit.clip_text import CLIPTextModel, resolve_clip_text
 from ..waifukit.paella_vq import PaellaVQ, resolve_vqgan
 from ..waifukit.preview import fit_latent_rgb
+from ..waifukit.registry import fetch_hint
 from ..waifukit.wuerstchen_decoder import WuerstchenDiffNeXt, resolve_decoder
 from ..waifukit.wuerstchen_prior import WuerstchenPrior, resolve_prior
 from ..waifukit.wuerstchen_sched import WuerstchenDDPM, resolve_schedule, sample
@@ -89,7 +90,8 @@ class WuerstchenCLIP:
 
 
 def load_clip(path: Path, role: str, dtype_choice: str = "auto", tokenizer: Path | None = None) -> WuerstchenCLIP:
-    params, sd, weights, tok = resolve_clip_text(path, tokenizer)
+    params, sd, weights, tok = resolve_clip_text(path, tokenizer,
+                                                 fetch_hint("wuerstchen-prior" if role == "prior" else "wuerstchen"))
     load_device, offload_device = mm.text_encoder_device(), mm.text_encoder_offload_device()
     dtype = pick_dtype(dtype_choice, load_device, lambda: mm.text_encoder_dtype(load_device))
     module = CLIPTextModel(params, operations=disable_weight_init, dtype=dtype, device=offload_device).eval()

@@ -31,13 +31,14 @@ def free_port() -> int:
 
 
 class ComfyHost:
-    def __init__(self, base_dir: Path, host: Host | None = None, extra_args=()):
+    def __init__(self, base_dir: Path, host: Host | None = None, extra_args=(), env: dict | None = None):
         self.base = Path(base_dir)
         self.host = host or primary_host()
         self.comfyui = self.host.path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.extra_args = list(extra_args)
+        self.extra_env = dict(env or {})  # e.g. PYTHONPATH for a sitecustomize; the host's own paths go first
         self.proc = None
         self.log_path = self.base / "server.log"
 
@@ -59,7 +60,7 @@ class ComfyHost:
         cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", str(self.base),
                "--database-url", "sqlite:///:memory:", *self.extra_args]
-        env = dict(self.host.env(), PYTHONUNBUFFERED="1")
+        env = dict(self.host.env(dict(os.environ, **self.extra_env)), PYTHONUNBUFFERED="1")
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=self.comfyui, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout

@@ -137,6 +137,11 @@ def build(models: Path, marker: str):
         cases += [(loader, inp, f"{stem}-truncated.safetensors", "truncated"),
                   (loader, inp, f"{stem}-shapes.safetensors", "right keys, wrong shapes"),
                   (loader, inp, f"{stem}-family.safetensors", "wrong family")]
+        # Single files that need their config beside them as <name>.json get the loader's own (so what is wrong
+        # with each bad file is the file itself).
+        if (models / src / "config.json").is_file():
+            for name in ("", "-truncated", "-shapes", "-family"):
+                shutil.copy(models / src / "config.json", folder / f"{stem}{name}.json")
         good[loader] = f"{stem}.safetensors"
     # Sidecar files the single-file loaders read.
     dm, te = models / "diffusion_models", models / "text_encoders"

@@ -109,3 +109,19 @@ def test_corrupt_file_hint_names_the_loaders_model(tmp_path, model, resolve):
     assert str(path) in msg and f"weights fetch {model} --comfyui" in msg
     if model != "waifu-2b":  # control against the old message
         assert "waifu-2b" not in msg
+
+
+def test_scheduler_config_that_is_not_an_object_is_named_once(tmp_path):
+    """A snapshot's scheduler_config.json holding an array: one clear message naming it (the path was doubled)."""
+    from fixtures.waifu_snapshot import _save_fp16, tiny_transformer
+    dit = tiny_transformer()
+    dit.save_config(tmp_path / "transformer")
+    _save_fp16(dit, tmp_path / "transformer" / "diffusion_pytorch_model.fp16.safetensors")
+    sched = tmp_path / "scheduler" / "scheduler_config.json"
+    sched.parent.mkdir()
+    sched.write_text("[1]")
+    with pytest.raises(CheckpointError) as e:
+        loading.resolve_linear_dit(tmp_path)
+    assert str(e.value).count(str(sched)) == 1 and "holds a JSON list" in str(e.value)
+    sched.write_text('{"shift": 3.0}')  # control
+    assert loading.resolve_linear_dit(tmp_path).extra["shift"] == 3.0

@@ -282,8 +282,9 @@ def resolve_linear_dit(path: Path) -> Resolved:
     snapshot = weights.parent.parent if weights.parent.name == "transformer" else None
     if snapshot is not None and (snapshot / "scheduler" / "scheduler_config.json").is_file():
         sched = snapshot / "scheduler" / "scheduler_config.json"
+        sched_cfg = read_json(sched)  # its own errors name the file already
         try:
-            shift = FlowScheduleConfig.from_scheduler_config(read_json(sched)).shift
+            shift = FlowScheduleConfig.from_scheduler_config(sched_cfg).shift
         except ValueError as e:
             raise CheckpointError(f"{sched}: {e}") from None
     return Resolved(params, sd, weights, {"shift": shift})

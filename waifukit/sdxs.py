@@ -588,8 +588,9 @@ def resolve_unet(path):
         raise loading.CheckpointError(
             f"{weights}: no scheduler config (the noise schedule and prediction type of the model). Put the "
             f"snapshot's scheduler/scheduler_config.json beside the file as {stem}.scheduler.json")
+    sched_cfg = loading.read_json(sched)  # its own errors name the file already
     try:
-        sched_params = DDPMParams.from_scheduler_config(loading.read_json(sched))
+        sched_params = DDPMParams.from_scheduler_config(sched_cfg)
     except ValueError as e:
         raise loading.CheckpointError(f"{sched}: {e}") from None
     return params, sd, sched_params, weights

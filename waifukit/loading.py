@@ -126,7 +126,7 @@ def pickle_refusal(path: Path, error: Exception, hint: str) -> str:
         found = re.search(r"GLOBAL (\S+)", str(error))
         what = f" (it asks for {found.group(1)})" if found else ""
         return (f"{path}: refused: this pickle file holds code or objects other than tensors{what}, or is not a "
-                f"torch checkpoint at all. comfyui-waifu never executes pickles (it reads them with "
+                f"torch checkpoint at all. comfyui-waifu never executes pickles (it reads them weights-only, with "
                 f"torch.load(weights_only=True)). Use the model's .safetensors release instead. {hint}").rstrip()
     return (f"{path}: not a readable torch checkpoint ({type(error).__name__}: the file is empty, truncated or "
             f"corrupt); download the model's .safetensors release instead. {hint}").rstrip()

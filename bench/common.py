@@ -125,3 +125,16 @@ def write_results(script: str, lines: list[str], out: Path | None = None) -> Non
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
+
+
+class Report:
+    """The lines of one results file: ``emit`` prints a line and keeps it; the header comes first."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        for line in header():
+            self.emit(line)
+
+    def emit(self, s: str = "") -> None:
+        print(s, flush=True)
+        self.lines.append(s)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import (fresh_process_kib, header, load_note, parser, peak_alloc_bytes, reset_peak_rss,  # noqa: E402
+from common import (Report, fresh_process_kib, load_note, parser, peak_alloc_bytes, reset_peak_rss,  # noqa: E402
                     status_kb, summary, write_results)
 from waifukit import kernels  # noqa: E402
 
@@ -118,14 +118,8 @@ def peak_rss(B, N, heads, variant, repeats):
 
 
 def main(args):
-    lines = []
-
-    def emit(s=""):
-        print(s, flush=True)
-        lines.append(s)
-
-    for ln in header():
-        emit(ln)
+    report = Report()  # prints each line and keeps it for the results file, header first
+    emit = report.emit
 
     B = 2
     if torch.cuda.is_available():
@@ -186,7 +180,7 @@ def main(args):
                  f"{alloc['diffusers'][0] / 2 ** 20:.1f} MiB, repeats exactly: "
                  f"{all(a == b for a, b in alloc.values())})")
     emit(load_note())
-    write_results("linear_attention", lines, args.out)
+    write_results("linear_attention", report.lines, args.out)
 
 
 def cli(argv=None):

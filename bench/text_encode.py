@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from common import header, load_note, parser, write_results  # noqa: E402
+from common import Report, load_note, parser, write_results  # noqa: E402
 from waifukit.mexma import MexmaSigLIPText  # noqa: E402
 from waifukit.xlmr import XLMRobertaParams  # noqa: E402
 
@@ -42,14 +42,8 @@ def rel(a, b):
 
 
 def main(args):
-    lines = []
-
-    def emit(s=""):
-        print(s, flush=True)
-        lines.append(s)
-
-    for ln in header():
-        emit(ln)
+    report = Report()  # prints each line and keeps it for the results file, header first
+    emit = report.emit
     cuda = torch.cuda.is_available()
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     params = XLMRobertaParams() if not args.reduced else XLMRobertaParams(num_layers=4)
@@ -88,7 +82,7 @@ def main(args):
                  f"{min(ts['padded']) / min(ts['short']):>13.1f}x | {rel(hs, hp[:, :n]):>14.1e} {rel(ps, pp):>14.1e}")
     emit("a workflow encodes the prompt and the negative (\"\" = 2 tokens): both shrink")
     emit(load_note())
-    write_results("text_encode", lines, args.out)
+    write_results("text_encode", report.lines, args.out)
 
 
 def cli(argv=None):

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from common import (fresh_process_kib, header, load_note, parser, peak_alloc_bytes, reset_peak_rss,  # noqa: E402
+from common import (Report, fresh_process_kib, load_note, parser, peak_alloc_bytes, reset_peak_rss,  # noqa: E402
                     status_kb, summary, write_results)
 from waifukit import kernels  # noqa: E402
 from waifukit.flow import flow_sigmas  # noqa: E402
@@ -165,14 +165,8 @@ def time_gpu(fn, reps=10, warm=3):
 
 
 def main(args):
-    lines = []
-
-    def emit(s=""):
-        print(s, flush=True)
-        lines.append(s)
-
-    for ln in header():
-        emit(ln)
+    report = Report()  # prints each line and keeps it for the results file, header first
+    emit = report.emit
     if torch.cuda.is_available():
         from torch.utils.flop_counter import FlopCounterMode
         dev, dtype, name = torch.device("cuda"), torch.bfloat16, torch.cuda.get_device_name()
@@ -269,7 +263,7 @@ def main(args):
             emit(f"final latents ours vs diffusers, fp32: max rel err {((a - b).abs().max() / b.abs().max()).item():.2e}"
                  " (eps 1e-8 vs diffusers' 1e-15, trimmed text)")
     emit(load_note())
-    write_results("waifu_step", lines, args.out)
+    write_results("waifu_step", report.lines, args.out)
 
 
 def cli(argv=None):

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
 
-from common import header, load_note, parser, write_results  # noqa: E402
+from common import Report, load_note, parser, write_results  # noqa: E402
 
 STAGES = {"MexmaSigLIPEncode": "encode", "WuerstchenTextEncode": "encode", "LinearDiTSampler": "sample",
           "SDXSSampler": "sample", "WuerstchenStageC": "sample", "WuerstchenStageB": "sample",
@@ -191,14 +191,8 @@ REFERENCES = {"waifu": waifu_reference, "sdxs": sdxs_reference, "wuerstchen": wu
 def main(args):
     from comfy_host import ComfyHost
     from setup_comfyui import primary_host
-    lines = []
-
-    def emit(s=""):
-        print(s, flush=True)
-        lines.append(s)
-
-    for ln in header():
-        emit(ln)
+    report = Report()  # prints each line and keeps it for the results file, header first
+    emit = report.emit
     emit(f"reduced-width test snapshots (tests/fixtures), fp32 CPU; queue-to-PNG through ComfyUI ({primary_host().name}) "
          f"vs the reference pipeline, {args.reps} interleaved repeats, min and median (s); "
          f"{'size ' + str(args.size) + '²' if args.size else 'the example sizes'}, example steps")
@@ -237,7 +231,7 @@ def main(args):
         finally:
             host.stop()
     emit(load_note())
-    write_results("workflow", lines, args.out)
+    write_results("workflow", report.lines, args.out)
 
 
 def cli(argv=None):

@@ -160,3 +160,14 @@ def diffusers_folder(name: str, accept, what: str, hint: str = FETCH_HINT) -> Pa
         if accept(path):
             return path
     raise CheckpointError(f"models/diffusers/{name}: no {what} there. {hint}")
+
+
+def lora_loader_inputs(model_what: str) -> dict:
+    """INPUT_TYPES of our LoRA loaders (same widgets and meaning as the stock LoraLoaderModelOnly)."""
+    return {"required": {
+        "model": ("MODEL", {"tooltip": f"{model_what} (the input MODEL itself stays unpatched)."}),
+        "lora_name": (folder_paths.get_filename_list("loras"),
+                      {"tooltip": "A LoRA file in models/loras (.safetensors preferred)."}),
+        "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                               "tooltip": "LoRA scale (diffusers' lora_scale); 0 returns the MODEL unchanged."}),
+    }}

@@ -16,7 +16,7 @@ from ..waifukit.sdxs import is_sdxs_snapshot
 from . import mexma_host, sdxs_host, vae16_host, waifu_host
 from .common import (BATCH_SIZE_INPUT, CATEGORY, DENOISE_INPUT, DTYPE_INPUT, LATENT_IMAGE_INPUT, RAW_LATENT_TOOLTIP,
                      TEXT_DEVICE_INPUT, WEIGHT_DTYPE_INPUT, check_inputs, check_side, diffusers_folder, diffusers_folders,
-                     model_file, start_latent)
+                     lora_loader_inputs, model_file, start_latent)
 from .core_api import folder_paths, latent_preview, mm
 
 SDXS_HINT = fetch_hint("sdxs")
@@ -212,13 +212,7 @@ class SDXSLoraLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "An SDXS UNet (the input MODEL itself stays unpatched)."}),
-            "lora_name": (folder_paths.get_filename_list("loras"),
-                          {"tooltip": "A LoRA file in models/loras (.safetensors preferred)."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                   "tooltip": "LoRA scale (diffusers' lora_scale); 0 returns the MODEL unchanged."}),
-        }}
+        return lora_loader_inputs("An SDXS UNet")
 
     RETURN_TYPES = ("MODEL",)
     OUTPUT_TOOLTIPS = ("The MODEL with the LoRA patched in (applied when a sampler loads it).",)

@@ -243,3 +243,19 @@ def test_text_encoder_folder_uses_its_own_tokenizer(snap, tmp_path):
         resolve_mexma(own / "model.safetensors")
     # The snapshot layout still finds the snapshot's tokenizer/ beside text_encoder/.
     assert str(snap / "tokenizer") in resolve_mexma(snap).tokenizer.source
+
+
+def test_snapshot_without_transformer_config_is_refused(snap, tmp_path):
+    """A snapshot's transformer/config.json pins the head counts; without it (an incomplete download) the loader
+    names the file instead of inferring them. A single file keeps the documented shape inference (control)."""
+    import shutil
+    copy = tmp_path / "waifu-2b"
+    shutil.copytree(snap, copy)
+    assert loading.resolve_linear_dit(copy / "transformer").params  # control: complete snapshot loads
+    (copy / "transformer" / "config.json").unlink()
+    with pytest.raises(loading.CheckpointError, match=r"transformer/config.json: missing"):
+        loading.resolve_linear_dit(copy / "transformer")
+    single = tmp_path / "single" / "waifu-transformer.safetensors"
+    single.parent.mkdir()
+    shutil.copy(next((copy / "transformer").glob("*.safetensors")), single)
+    assert loading.resolve_linear_dit(single).params == loading.resolve_linear_dit(snap / "transformer").params

@@ -274,6 +274,11 @@ def resolve_linear_dit(path: Path) -> Resolved:
     from .sana import LinearDiTParams, to_sana_layout
     sd, cfg, weights = load_component(path, "transformer", FETCH_HINT)
     sd = convert_layout(to_sana_layout, sd, weights, "Waifu/Sana Linear DiT")
+    if not cfg and weights.parent.name == "transformer" and (weights.parent.parent / "model_index.json").is_file():
+        # save_pretrained always writes it: a snapshot without it is an incomplete download, and the head counts
+        # would otherwise be inferred from the published head size (single files keep that documented inference).
+        raise CheckpointError(f"{weights.parent / 'config.json'}: missing, so this snapshot's transformer "
+                              f"architecture is not pinned down; the download is incomplete. {FETCH_HINT}")
     try:
         params = LinearDiTParams.from_diffusers_config(cfg) if cfg else LinearDiTParams.infer(sd)
     except (ValueError, KeyError) as e:

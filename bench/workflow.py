@@ -147,7 +147,7 @@ def sdxs_reference(models: Path, wf: dict):
 
 
 def wuerstchen_reference(models: Path, wf: dict):
-    from diffusers.pipelines.wuerstchen.pipeline_wuerstchen_prior import DEFAULT_STAGE_C_TIMESTEPS
+    from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import DEFAULT_STAGE_C_TIMESTEPS
     from fixtures.wuerstchen_snapshot import load_reference, reference_images
     ref = load_reference(models / "diffusers" / "wuerstchen-prior", models / "diffusers" / "wuerstchen")
     c, b = wf["5"]["inputs"], wf["7"]["inputs"]

@@ -171,3 +171,35 @@ def lora_loader_inputs(model_what: str) -> dict:
         "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
                                "tooltip": "LoRA scale (diffusers' lora_scale); 0 returns the MODEL unchanged."}),
     }}
+
+
+class LoraLoaderBase:
+    """What our LoRA loaders share with the stock LoraLoaderModelOnly: its widgets (lora_loader_inputs), one MODEL
+    out, strength 0 returning the MODEL unchanged, validation of every FLOAT. A subclass names its model
+    (MODEL_WHAT), may refuse another family's MODEL (check_model) and applies the patch (apply)."""
+    MODEL_WHAT = "A MODEL"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("The MODEL with the LoRA patched in (applied when a sampler loads it).",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return lora_loader_inputs(cls.MODEL_WHAT)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, strength=None):
+        return check_inputs(cls, strength=strength)
+
+    def check_model(self, model):
+        pass
+
+    def apply(self, model, path: Path, strength: float):
+        raise NotImplementedError
+
+    def load(self, model, lora_name, strength):
+        self.check_model(model)
+        path = model_file("loras", lora_name)
+        if strength == 0:  # as the stock LoRA loaders: nothing to patch
+            return (model,)
+        return (self.apply(model, path, strength),)

@@ -16,7 +16,7 @@ from ..waifukit.sdxs import is_sdxs_snapshot
 from . import mexma_host, sdxs_host, vae16_host, waifu_host
 from .common import (BATCH_SIZE_INPUT, CATEGORY, DENOISE_INPUT, DTYPE_INPUT, LATENT_IMAGE_INPUT, RAW_LATENT_TOOLTIP,
                      TEXT_DEVICE_INPUT, WEIGHT_DTYPE_INPUT, check_inputs, check_side, diffusers_folder, diffusers_folders,
-                     lora_loader_inputs, model_file, start_latent)
+                     LoraLoaderBase, model_file, start_latent)
 from .core_api import folder_paths, latent_preview, mm
 
 SDXS_HINT = fetch_hint("sdxs")
@@ -203,35 +203,22 @@ class SDXSSampler:
         return (result,)
 
 
-class SDXSLoraLoader:
+class SDXSLoraLoader(LoraLoaderBase):
     DESCRIPTION = ("Applies a LoRA to an SDXS UNet MODEL through ComfyUI's patch system, from the layouts SD-style "
                    "UNet LoRAs come in: diffusers/PEFT (unet.<module>.lora_A/lora_B, alpha from the file's "
                    "metadata), diffusers' older attention-processor files (processor.to_q_lora.down/up), kohya "
                    "(lora_unet_..., .alpha) or ComfyUI's (diffusion_model.<key>). Keys that match nothing are named "
                    "in a warning.")
+    MODEL_WHAT = "An SDXS UNet"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return lora_loader_inputs("An SDXS UNet")
-
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The MODEL with the LoRA patched in (applied when a sampler loads it).",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, strength=None):
-        return check_inputs(cls, strength=strength)
-
-    def load(self, model, lora_name, strength):
+    def check_model(self, model):
         if not isinstance(model.model, sdxs_host.SDXSModel):
             raise ValueError(f"SDXSLoraLoader needs the SDXS UNet; got {type(model.model).__name__} (use "
                              "LinearDiTLoraLoader for Waifu models)")
-        path = model_file("loras", lora_name)
-        if strength == 0:  # as the stock LoRA loaders: nothing to patch
-            return (model,)
-        return (waifu_host.apply_lora(model, path, strength, key_map=lora.unet_key_map, what="SDXS UNet",
-                                      kind="LoRA for the SDXS UNet", component="unet"),)
+
+    def apply(self, model, path, strength):
+        return waifu_host.apply_lora(model, path, strength, key_map=lora.unet_key_map, what="SDXS UNet",
+                                     kind="LoRA for the SDXS UNet", component="unet")
 
 
 NODES = {

@@ -17,7 +17,7 @@ from ..waifukit.registry import FETCH_HINT, MODELS, WAIFU_BUCKETS, bucket_label
 from . import mexma_host, vae16_host, waifu_host
 from .common import (BATCH_SIZE_INPUT, CATEGORY, DENOISE_INPUT, DTYPE_INPUT, LATENT_IMAGE_INPUT, RAW_LATENT_TOOLTIP,
                      TEXT_DEVICE_INPUT, WEIGHT_DTYPE_INPUT, check_inputs, check_side, diffusers_folder, diffusers_folders,
-                     lora_loader_inputs, model_file, start_latent)
+                     LoraLoaderBase, model_file, start_latent)
 from .core_api import folder_paths, latent_preview, mm, sample_custom, sampler_object
 
 WAIFU_DEFAULTS = MODELS["waifu-2b"]
@@ -199,30 +199,15 @@ def _latent_out(latent_image, samples):
     return out
 
 
-class LinearDiTLoraLoader:
+class LinearDiTLoraLoader(LoraLoaderBase):
     DESCRIPTION = ("Applies a LoRA to a Waifu/Sana Linear DiT MODEL through ComfyUI's patch system, from any of "
                    "the layouts Sana LoRAs come in: diffusers/PEFT (train_dreambooth_lora_sana.py, SimpleTuner, "
                    "ai-toolkit), kohya (lora_unet_..., .alpha) or ComfyUI's (diffusion_model.<key>). Split q/k/v "
                    "map into our fused projections. Keys that match nothing are named in a warning.")
+    MODEL_WHAT = "A Waifu Linear DiT"
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        return lora_loader_inputs("A Waifu Linear DiT")
-
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The MODEL with the LoRA patched in (applied when a sampler loads it).",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, strength=None):
-        return check_inputs(cls, strength=strength)
-
-    def load(self, model, lora_name, strength):
-        path = model_file("loras", lora_name)
-        if strength == 0:  # as the stock LoRA loaders: nothing to patch
-            return (model,)
-        return (waifu_host.apply_lora(model, path, strength),)
+    def apply(self, model, path, strength):
+        return waifu_host.apply_lora(model, path, strength)
 
 
 class WaifuEmptyLatent:

@@ -381,9 +381,13 @@ class GLUMBConv(nn.Module):
         self.point_conv = _Conv(operations.Conv2d(hidden, dim, 1, bias=False, **kw))
 
     def forward(self, x):
-        x = self.depth_conv(F.silu(self.inverted_conv(x)))
+        # In place where nothing needs the pre-activation (no autograd): fresh multi-MB activations cost page
+        # faults on CPU, and the conv outputs are ours alone.
+        inplace = not torch.is_grad_enabled()
+        x = self.depth_conv(F.silu(self.inverted_conv(x), inplace=inplace))
         value, gate = x.chunk(2, dim=1)
-        return self.point_conv(value * F.silu(gate))
+        gate = F.silu(gate, inplace=inplace)
+        return self.point_conv(value.mul_(gate) if inplace else value * gate)
 
 
 class SanaBlock(nn.Module):
@@ -402,14 +406,15 @@ class SanaBlock(nn.Module):
         mod = cast_like(self.scale_shift_table, x)[None] + t0.view(B, 6, C)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
 
-        x = x + gate_msa * self.attn(self.norm1(x) * (1 + scale_msa) + shift_msa)
+        # addcmul: modulate and gate in one pass each (x + a * b).
+        x = torch.addcmul(x, gate_msa, self.attn(torch.addcmul(shift_msa, self.norm1(x), 1 + scale_msa)))
         # Cross-attention has neither pre-norm nor gate in Sana.
-        x = x + self.cross_attn(x, context, mask_bias, kv=kv)
+        x = self.cross_attn(x, context, mask_bias, kv=kv).add_(x)   # the projection's fresh output: add in place
 
-        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
-        h = h.transpose(1, 2).unflatten(2, hw)          # tokens -> [B, C, h, w] for the convs
+        h = torch.addcmul(shift_mlp, self.norm2(x), 1 + scale_mlp)
+        h = h.transpose(1, 2).unflatten(2, hw)          # tokens -> [B, C, h, w], channels-last: no copy
         h = self.mlp(h).flatten(2).transpose(1, 2)
-        return x + gate_mlp * h
+        return torch.addcmul(x, gate_mlp, h)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -456,7 +461,9 @@ class _PatchEmbed(nn.Module):
         self.proj = operations.Conv2d(cin, hidden, p, stride=p, bias=True, dtype=dtype, device=device)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # A channels-last input makes the conv's output token-major already: every later [B, N, C] op then
+        # runs on contiguous tokens instead of copying a transposed view.
+        return self.proj(x.contiguous(memory_format=torch.channels_last)).flatten(2).transpose(1, 2).contiguous()
 
 
 class _FinalLayer(nn.Module):

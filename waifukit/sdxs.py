@@ -11,7 +11,6 @@ SDXS conditions on one token: the MEXMA-SigLIP pooled + projected text vector as
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -220,17 +219,6 @@ def to_native_layout(sd: dict) -> dict:
     raise ValueError("not a diffusers UNet2DConditionModel (SDXS UNet) state dict"
                      + (f": it looks like {what}" if what else "")
                      + f" (expected conv_in.*, time_embedding.*, down_blocks.N.* keys; first keys: {sample})")
-
-
-def infer_structure(sd: dict) -> dict:
-    """What the weights say about the architecture, to check a config against (not enough for one: the head
-    count is not recoverable from shapes)."""
-    sd = to_native_layout(sd)
-    blocks = sorted({int(m.group(1)) for k in sd if (m := re.match(r"down_blocks\.(\d+)\.", k))})
-    return {
-        "in_channels": sd["conv_in.weight"].shape[1],
-        "block_out_channels": [sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in blocks],
-    }
 
 
 # ----------------------------------------------------------------------------- modules

@@ -1,5 +1,6 @@
 """Pieces every benchmark script uses: argument parsing, the results header (command, machine, torch, date, load),
-memory readings from /proc in fresh processes, summaries that say how much a figure moves, writing the raw results."""
+timing (interleaved wall clock, CUDA events), memory readings from /proc in fresh processes, summaries that say how
+much a figure moves, writing the raw results."""
 from __future__ import annotations
 
 import argparse
@@ -12,8 +13,8 @@ import shlex
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
-
 
 import torch
 
@@ -103,6 +104,57 @@ def peak_alloc_bytes(fn) -> int:
         cur += n
         peak = max(peak, cur)
     return peak
+
+
+def time_interleaved(fns: dict, reps: int, warm: int = 1, sync=None) -> dict[str, list[float]]:
+    """Wall times (s) of each callable in ``fns``: ``warm`` untimed calls of each, then ``reps`` rounds with the
+    variants interleaved, so that load from other processes hits all alike. ``sync`` (e.g. a CUDA synchronize) runs
+    right before and right after each timed call."""
+    for _ in range(warm):
+        for f in fns.values():
+            f()
+    ts = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            if sync is not None:
+                sync()
+            t0 = time.perf_counter()
+            f()
+            if sync is not None:
+                sync()
+            ts[k].append(time.perf_counter() - t0)
+    return ts
+
+
+def min_median(ts: dict, scale: float = 1.0) -> dict[str, tuple[float, float]]:
+    """(min, median) * scale per variant of ``time_interleaved``'s readings. On a CPU shared with other jobs the
+    minimum is the stable estimate of a variant's own cost; the median says how much it moved."""
+    return {k: (min(v) * scale, statistics.median(v) * scale) for k, v in ts.items()}
+
+
+def time_gpu(fn, reps: int = 10, warm: int = 3) -> float:
+    """Median ms of ``fn()`` over ``reps`` calls, each timed with CUDA events, after ``warm`` untimed calls."""
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b))
+    return statistics.median(out)
+
+
+def print_rss_growth(fn) -> None:
+    """In a ``--worker`` process: peak RSS growth (KiB) during ``fn()`` over the RSS just before it (VmHWM reset
+    first), printed as the 'RSS<kib>' line ``fresh_process_kib`` collects."""
+    base = status_kb("VmRSS")
+    reset_peak_rss()
+    fn()
+    print("RSS" + json.dumps(status_kb("VmHWM") - base))
 
 
 def fresh_process_kib(script: str, spec: dict, repeats: int) -> list[int]:

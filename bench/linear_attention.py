@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import (Report, fresh_process_kib, load_note, parser, peak_alloc_bytes, reset_peak_rss,  # noqa: E402
-                    status_kb, summary, write_results)
+from common import (Report, fresh_process_kib, load_note, min_median, parser, peak_alloc_bytes,  # noqa: E402
+                    print_rss_growth, summary, time_gpu, time_interleaved, write_results)
 from waifukit import kernels  # noqa: E402
 
 HEAD_DIM = 32
@@ -71,45 +69,13 @@ def variants(heads):
     }
 
 
-def time_gpu(fn, reps=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(out)
-
-
-def time_cpu_interleaved(fns: dict, reps=7):
-    """Median wall time per variant, variants interleaved so that load from other processes hits all alike."""
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t) * 1e6)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-
 def worker(spec):
     """Subprocess: peak RSS growth (KiB) during one call of one variant (VmHWM reset just before the call)."""
     B, N, heads, name = spec["B"], spec["N"], spec["heads"], spec["variant"]
     o, t = make_inputs(B, N, heads, torch.float32, "cpu")
     fn = variants(heads)[name]
     fn(o, t)                                   # first-call allocations (thread pools, caches) out of the way
-    base = status_kb("VmRSS")
-    reset_peak_rss()
-    fn(o, t)
-    print("RSS" + json.dumps(status_kb("VmHWM") - base))
+    print_rss_growth(lambda: fn(o, t))
 
 
 def peak_rss(B, N, heads, variant, repeats):
@@ -127,7 +93,7 @@ def main(args):
         heads, dtype = 70, torch.bfloat16
         bw = next((v for k, v in HBM.items() if k in name), None)
         big = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
-        copy_us = time_gpu(lambda: big.clone(), reps=10)
+        copy_us = 1e3 * time_gpu(lambda: big.clone(), reps=10)
         copy_bw = 2 * big.numel() / (copy_us * 1e-6)
         del big
         emit(f"device: {name}  torch {torch.__version__}  kernels={kernels.kernel_mode()} "
@@ -140,7 +106,7 @@ def main(args):
             N = (px // 8) ** 2
             o, t = make_inputs(B, N, heads, dtype, dev)
             fns = variants(heads)
-            us = {k: time_gpu(lambda f=f: f(o, t)) for k, f in fns.items()}
+            us = {k: 1e3 * time_gpu(lambda f=f: f(o, t), reps=20) for k, f in fns.items()}   # median µs
             nbytes = 8 * B * N * heads * HEAD_DIM   # bf16 q, k, v read + out written
             gbs = nbytes / (us["ours"] * 1e-6) / 1e9
             peak = bw or copy_bw
@@ -170,7 +136,7 @@ def main(args):
             N = (px // 8) ** 2
             o, t = make_inputs(B, N, heads, dtype, "cpu")
             fns = {k: (lambda f=f: f(o, t)) for k, f in variants(heads).items() if k != "eager"}
-            us = time_cpu_interleaved(fns, reps=args.reps)
+            us = {k: med for k, (_, med) in min_median(time_interleaved(fns, args.reps), 1e6).items()}   # median µs
             alloc = {k: [peak_alloc_bytes(f) for _ in range(2)] for k, f in fns.items()}
             rss = {k: peak_rss(B, N, heads, k, args.rss_repeats) for k in fns} if args.rss_repeats else None
             emit(f"{px:>5} {N:>6} | {us['ours'] / us['diffusers']:>19.3f} | "

@@ -12,9 +12,7 @@ vector (SDXS's conditioning) of both paths, max rel err.
 """
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from common import Report, load_note, parser, write_results  # noqa: E402
+from common import Report, load_note, min_median, parser, time_interleaved, write_results  # noqa: E402
 from waifukit.mexma import MexmaSigLIPText  # noqa: E402
 from waifukit.xlmr import XLMRobertaParams  # noqa: E402
 
@@ -58,28 +56,18 @@ def main(args):
     emit(f"{'real tokens':>11} | {'512 padded s':>13} {'(median)':>9} | {'prompt-length s':>15} {'(median)':>9} | "
          f"{'speed-up (min)':>14} | {'states rel err':>14} {'pooled rel err':>14}")
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
     with torch.inference_mode():
         for n in args.tokens:
             ids, mask = ids_for(n, 512, params.vocab_size, seed=n)
             ids, mask = ids.to(dev), mask.to(dev)
             fns = {"padded": lambda: model(ids, mask), "short": lambda: model(ids[:, :n], mask[:, :n])}
             outs = {k: f() for k, f in fns.items()}          # warm-up and the outputs compared below
-            ts = {k: [] for k in fns}
-            for _ in range(args.reps):
-                for k, f in fns.items():
-                    sync()
-                    t0 = time.perf_counter()
-                    f()
-                    sync()
-                    ts[k].append(time.perf_counter() - t0)
+            ts = min_median(time_interleaved(fns, args.reps, warm=0,
+                                             sync=torch.cuda.synchronize if cuda else None))   # (min, median) s
             (hp, pp), (hs, ps) = outs["padded"], outs["short"]
-            emit(f"{n:>11} | {min(ts['padded']):>13.3f} {statistics.median(ts['padded']):>9.3f} | "
-                 f"{min(ts['short']):>15.3f} {statistics.median(ts['short']):>9.3f} | "
-                 f"{min(ts['padded']) / min(ts['short']):>13.1f}x | {rel(hs, hp[:, :n]):>14.1e} {rel(ps, pp):>14.1e}")
+            emit(f"{n:>11} | {ts['padded'][0]:>13.3f} {ts['padded'][1]:>9.3f} | "
+                 f"{ts['short'][0]:>15.3f} {ts['short'][1]:>9.3f} | "
+                 f"{ts['padded'][0] / ts['short'][0]:>13.1f}x | {rel(hs, hp[:, :n]):>14.1e} {rel(ps, pp):>14.1e}")
     emit("a workflow encodes the prompt and the negative (\"\" = 2 tokens): both shrink")
     emit(load_note())
     write_results("text_encode", report.lines, args.out)

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from common import (Report, fresh_process_kib, load_note, parser, peak_alloc_bytes, reset_peak_rss,  # noqa: E402
-                    status_kb, summary, write_results)
+from common import (Report, fresh_process_kib, load_note, min_median, parser, peak_alloc_bytes,  # noqa: E402
+                    print_rss_growth, summary, time_gpu, time_interleaved, write_results)
 from waifukit import kernels  # noqa: E402
 from waifukit.flow import flow_sigmas  # noqa: E402
 from waifukit.fused import sample_flow_euler_fast  # noqa: E402
@@ -123,45 +123,13 @@ def worker(spec):
     models = build(False, "cpu", torch.float32, which=(spec["model"],))
     fn = step_fns(models, spec["px"], "cpu", torch.float32)[spec["variant"]]
     with torch.no_grad():
-        base = status_kb("VmRSS")
-        reset_peak_rss()
-        fn()
-    print("RSS" + json.dumps(status_kb("VmHWM") - base))
+        print_rss_growth(fn)
 
 
 def peak_rss(px, variant, repeats):
     """Peak-RSS growth (KiB) of one step, one reading per fresh process, ``repeats`` readings."""
     spec = dict(px=px, variant=variant, model="diffusers" if variant == "diffusers" else "ours")
     return fresh_process_kib(__file__, spec, repeats)
-
-
-def time_cpu(fns: dict, reps):
-    """min and median wall time per variant, interleaved. On a CPU shared with other jobs the minimum is the
-    stable estimate of a variant's own cost; the median is printed too."""
-    for f in fns.values():
-        f()
-    ts = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            ts[k].append(time.perf_counter() - t0)
-    return {k: (min(v) * 1e3, statistics.median(v) * 1e3) for k, v in ts.items()}
-
-
-def time_gpu(fn, reps=10, warm=3):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
 
 
 def main(args):
@@ -224,7 +192,7 @@ def main(args):
         with torch.no_grad():
             for px in args.sizes or (128, 192, 256):
                 fns = step_fns(models, px, "cpu", dtype)
-                ts = time_cpu(fns, reps=args.reps)
+                ts = min_median(time_interleaved(fns, args.reps), 1e3)   # (min, median) ms
                 alloc = {k: [peak_alloc_bytes(f) for _ in range(2)] for k, f in fns.items()}
                 repeats = all(a == b for a, b in alloc.values())
                 rss = {k: peak_rss(px, k, args.rss_repeats) for k in fns} if args.rss_repeats else None
@@ -253,7 +221,7 @@ def main(args):
                 emit(f"torch.compile (inductor) first call incl. compile: {time.perf_counter() - t0:.1f} s")
                 loops["ours compiled"] = lambda: ours_loop(models["ours"], x, cond, cm, uncond, um, steps, 4.5, dtype,
                                                            compile=True)
-            ts = time_cpu(loops, reps=args.loop_reps)
+            ts = min_median(time_interleaved(loops, args.loop_reps), 1e3)
             for k in loops:
                 if k != "diffusers":
                     emit(f"{k} / diffusers: {ts[k][0] / ts['diffusers'][0]:.3f} (min), "

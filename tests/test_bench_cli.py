@@ -25,3 +25,29 @@ def test_help_only_prints_usage(script):
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), "--no-such-option"],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr
+
+
+def test_shared_timing_and_rss_helpers():
+    """The timing and RSS helpers the scripts share (bench/common.py): warm-up calls, interleaved rounds, sync around
+    each timed call, (min, median) scaled, and the 'RSS<kib>' line fresh_process_kib reads back."""
+    import contextlib
+    import io
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    ts = common.time_interleaved(fns, 3, warm=1, sync=lambda: calls.append("|"))
+    assert calls == ["a", "b"] + ["|", "a", "|", "|", "b", "|"] * 3
+    assert {k: len(v) for k, v in ts.items()} == {"a": 3, "b": 3} and all(t >= 0 for v in ts.values() for t in v)
+    calls.clear()
+    common.time_interleaved(fns, 2, warm=0)
+    assert calls == ["a", "b", "a", "b"]
+    assert common.min_median({"x": [0.003, 0.001, 0.002]}, 1e3) == {"x": (1.0, 2.0)}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        common.print_rss_growth(lambda: bytearray(64 << 20))
+    line = out.getvalue().strip()
+    assert line.startswith("RSS") and int(line[3:]) >= 0

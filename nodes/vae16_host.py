@@ -47,7 +47,8 @@ class AuraVAE(NativeVAE):
         return out
 
 
-# Preview factors per VAE file, fitted once and kept in the user directory (research: no peer has previews).
+# Preview factors per VAE file, fitted once and kept in the user directory (no table to copy: neither
+# city96/ComfyUI_ExtraModels nor its Efficient-Large-Model fork gives Sana latents a preview).
 # In memory they are keyed by the latent scaling (scale, shift) they were fitted for, which is what a model's
 # latent format knows.
 PREVIEW_FACTORS: dict = {}

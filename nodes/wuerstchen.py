@@ -23,7 +23,9 @@ DECODER_HINT = fetch_hint("wuerstchen")
 PRIOR_DEFAULTS = MODELS["wuerstchen-prior"]
 DECODER_DEFAULTS = MODELS["wuerstchen"]
 MAX_SIDE = 4096
-SIDE_STEP = 128  # sizes the reference round-trips exactly through Stage C -> Stage B (research note B)
+SIDE_STEP = 128  # sizes the reference round-trips exactly through Stage C -> Stage B: Stage C takes ceil(side / 42.67),
+# Stage B int(that * 10.67) = side / 4, a multiple of 16 (resolution_multiple and latent_dim_scale in the
+# model_index.json of huggingface.co/warp-ai/wuerstchen-prior and warp-ai/wuerstchen).
 DTYPE_STAGE = (DTYPE_INPUT[0], {"default": "auto", "tooltip": "Weight/compute dtype. auto: fp32 on CPU; bf16 on GPUs "
                                 "that support it, else fp32 (fp16 is not picked automatically: it breaks Stable "
                                 "Cascade's Stage C and is unverified for v2)."})

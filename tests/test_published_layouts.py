@@ -1,4 +1,5 @@
-"""Published containers and layouts (research note published_layouts.md; issue 10).
+"""Published containers and layouts (issue 10) of huggingface.co/AiArtLab/waifu-2b, AuraDiffusion/16ch-vae,
+visheratin/mexma-siglip and recoilme/ae.
 
 Containers, on tiny copies: sharded folders exactly as save_pretrained writes them (with and without the fp16
 variant), ``.bin`` pickle twins beside ``.safetensors``, and the index checks. Every component loader goes through
@@ -194,9 +195,9 @@ def test_bin_twins_are_never_unpickled(snaps, tmp_path, monkeypatch, snap, sub, 
 
 
 def test_waifu_text_encoder_fp32_under_fp16_name_with_pooler(tmp_path):
-    """waifu-2b's text_encoder/model.fp16.safetensors holds fp32 data (A4), maybe with XLM-R's pooler keys: the
-    dtype of the data is kept (not the name's), the pooler is dropped, and the per-token states match
-    transformers' XLMRobertaModel on the same file (fp32, <= 1e-4 relative)."""
+    """waifu-2b's text_encoder/model.fp16.safetensors holds fp32 data (2.24 GB for 558.84 M parameters), maybe
+    with XLM-R's pooler keys: the dtype of the data is kept (not the name's), the pooler is dropped, and the
+    per-token states match transformers' XLMRobertaModel on the same file (fp32, <= 1e-4 relative)."""
     from safetensors import safe_open
 
     from fixtures.waifu_snapshot import build_waifu_snapshot, load_reference, reference_encode
@@ -230,23 +231,24 @@ def test_waifu_text_encoder_fp32_under_fp16_name_with_pooler(tmp_path):
 
 # ----------------------------------------------------------------------------- full size, nothing allocated
 #
-# Each published config.json written verbatim (values from research note published_layouts.md; the byte sizes the
-# Hub shows are asserted, so a typo cannot pass), the weights as sparse .safetensors whose headers come from the
-# reference classes (diffusers/transformers) built on the meta device from that same config, resolved through
-# loading.headers_only(): key names, shapes, dtypes and config fields are checked, no tensor data is read.
+# Each published config.json written verbatim (values as the Hub shows them at the commits named below; the
+# byte sizes the Hub shows are asserted, so a typo cannot pass), the weights as sparse .safetensors whose headers
+# come from the reference classes (diffusers/transformers) built on the meta device from that same config,
+# resolved through loading.headers_only(): key names, shapes, dtypes and config fields are checked, no tensor data
+# is read.
 
 def _dump(cfg: dict) -> str:
     return json.dumps(cfg, indent=2, sort_keys=True) + "\n"  # how diffusers/transformers write config.json
 
 
-# AiArtLab/waifu-2b transformer/config.json at main 05db654 (A3, 527 B).
+# https://huggingface.co/AiArtLab/waifu-2b/blob/main/transformer/config.json at main 05db654 (527 B).
 WAIFU_TRANSFORMER = {
     "_class_name": "SanaTransformer2DModel", "_diffusers_version": "0.33.0.dev0", "attention_bias": False,
     "attention_head_dim": 32, "caption_channels": 1024, "cross_attention_dim": 2240, "cross_attention_head_dim": 112,
     "dropout": 0.0, "in_channels": 16, "interpolation_scale": None, "mlp_ratio": 2.5, "norm_elementwise_affine": False,
     "norm_eps": 1e-06, "num_attention_heads": 70, "num_cross_attention_heads": 20, "num_layers": 20,
     "out_channels": 16, "patch_size": 1, "sample_size": 64}
-# AuraDiffusion/16ch-vae config.json at main (D, 770 B) and its copy in waifu-2b vae/ (A6, 815 B).
+# https://huggingface.co/AuraDiffusion/16ch-vae config.json at main (770 B) and its copy in waifu-2b vae/ (815 B).
 AURA_VAE = {
     "_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0.dev0", "act_fn": "silu",
     "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -255,11 +257,11 @@ AURA_VAE = {
     "sample_size": 1024, "scaling_factor": 0.18215, "shift_factor": 0, "up_block_types": ["UpDecoderBlock2D"] * 4,
     "use_post_quant_conv": True, "use_quant_conv": True}
 WAIFU_VAE = dict(AURA_VAE, _diffusers_version="0.32.0.dev0", _name_or_path="AuraDiffusion/16ch-vae")
-# XLM-R large as in waifu-2b text_encoder/config.json (A4: inferred; the published file is 3 B longer).
+# XLM-R large as in waifu-2b text_encoder/config.json (inferred, not copied: the published file is 3 B longer).
 XLMR_LARGE = dict(vocab_size=250002, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                   intermediate_size=4096, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1,
                   bos_token_id=0, eos_token_id=2, layer_norm_eps=1e-5, hidden_act="gelu")
-# SigLIP so400m-patch14-384, MEXMA-SigLIP's vision tower (C).
+# SigLIP so400m-patch14-384 (google/siglip-so400m-patch14-384), MEXMA-SigLIP's vision tower.
 SO400M = dict(hidden_size=1152, num_hidden_layers=27, num_attention_heads=16, intermediate_size=4304, patch_size=14,
               image_size=384, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
 
@@ -290,7 +292,7 @@ def _peak_rss_mb() -> float:
 
 
 def sana_original_keys(diffusers_sd: dict) -> dict:
-    """The original Sana layout of recoilme/ae waifu-2b-vNN.pth (B): the inverse of recoilme/waifu
+    """The original Sana layout of recoilme/ae waifu-2b-vNN.pth: the inverse of recoilme/waifu
     tools/convert_waifu_to_diffusers.py, written here from that script (qkv and kv fused back along dim 0),
     plus the two buffers the converter drops, for 576 px."""
     ren = {"patch_embed.proj.": "x_embedder.proj.", "caption_projection.linear_1.": "y_embedder.y_proj.fc1.",
@@ -330,8 +332,8 @@ def sana_original_keys(diffusers_sd: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def full_waifu(tmp_path_factory):
-    """waifu-2b at full size (A3-A7): published names, configs and dtypes (fp16 transformer and VAE, fp32 text
-    encoder under model.fp16.safetensors), sparse weights."""
+    """waifu-2b at full size, as in huggingface.co/AiArtLab/waifu-2b: published names, configs and dtypes (fp16
+    transformer and VAE, fp32 text encoder under model.fp16.safetensors), sparse weights."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
     from transformers import XLMRobertaConfig, XLMRobertaModel
 
@@ -358,7 +360,7 @@ def full_waifu(tmp_path_factory):
 
 
 def test_published_configs_are_verbatim():
-    """The rebuilt config.json files have the byte sizes the Hub shows (research note A3, A6, C, D)."""
+    """The rebuilt config.json files have the byte sizes the Hub shows (527, 770, 815 and 251 B)."""
     from fixtures.mexma_snapshot import PUBLISHED_CONFIG
     assert len(_dump(WAIFU_TRANSFORMER).encode()) == 527
     assert len(_dump(AURA_VAE).encode()) == 770
@@ -408,8 +410,8 @@ def test_waifu_2b_full_size_resolves_from_headers(full_waifu):
 
 
 def test_waifu_2b_full_size_sharded_fp32(full_waifu, tmp_path):
-    """The converter's default fp32 + max_shard_size="5GB" shards the 6.4 GB transformer (J1): resolved from the
-    index and the sparse shards' headers, same layout."""
+    """The converter's default fp32 + max_shard_size="5GB" (recoilme/waifu tools/convert_waifu_to_diffusers.py)
+    shards the 6.4 GB transformer: resolved from the index and the sparse shards' headers, same layout."""
     root, ref, _ = full_waifu
     folder = tmp_path / "transformer"
     folder.mkdir()
@@ -430,8 +432,8 @@ def test_waifu_2b_full_size_sharded_fp32(full_waifu, tmp_path):
 
 
 def test_recoilme_pth_full_size_resolves(full_waifu, tmp_path):
-    """B: a waifu-2b-vNN.pth as save_checkpoint writes it (state_dict of 318 original-Sana keys incl. the 576-px
-    pos_embed, epoch, numpy rng_state), its tensors on the meta device: resolved without a config, it infers the
+    """recoilme/ae: a waifu-2b-vNN.pth as save_checkpoint writes it (state_dict of 318 original-Sana keys incl. the
+    576-px pos_embed, epoch, numpy rng_state), its tensors on the meta device: resolved without a config, it infers the
     published architecture and our module has the same keys (the two dropped buffers aside)."""
     from fixtures.waifu_snapshot import save_sana_checkpoint
     from waifukit.sana import LinearDiT
@@ -451,7 +453,7 @@ def test_recoilme_pth_full_size_resolves(full_waifu, tmp_path):
 
 @pytest.mark.parametrize("bias", [False, True], ids=["projector-no-bias", "projector-bias"])
 def test_mexma_siglip_full_size_resolves(tmp_path, bias):
-    """C: visheratin/mexma-siglip at full size: its config.json verbatim (no model_type), preprocessor_config.json
+    """visheratin/mexma-siglip at full size: its config.json verbatim (no model_type), preprocessor_config.json
     (384 x 384), model.safetensors (fp32; text_model without pooler, text_projector with or without bias,
     so400m vision_model, logit_scale/bias) of 988,246,082 or 988,247,234 parameters."""
     from transformers import SiglipVisionConfig, SiglipVisionModel, XLMRobertaConfig, XLMRobertaModel
@@ -492,7 +494,7 @@ def test_mexma_siglip_full_size_resolves(tmp_path, bias):
 
 
 def test_aura_16ch_vae_full_size_resolves(tmp_path):
-    """D: AuraDiffusion/16ch-vae main: config.json verbatim and an fp32 diffusion_pytorch_model.safetensors of
+    """AuraDiffusion/16ch-vae main: config.json verbatim and an fp32 diffusion_pytorch_model.safetensors of
     81,717,715 parameters (326.9 MB)."""
     from diffusers import AutoencoderKL as RefVAE
 

@@ -210,9 +210,9 @@ def test_vae_blocks_follow_the_weights_when_the_config_is_silent(snap, tmp_path)
 
 
 def test_full_size_architectures_have_the_published_parameter_counts():
-    """Built on the meta device: the defaults are waifu-2b's, down to the parameter (research note A1, F, D:
-    1,601,523,856 for the DiT = the 3.2 GB fp16 file; 558.84 M for XLM-R-large without pooler; 81.72 M for the
-    16ch VAE without mid-block attention)."""
+    """Built on the meta device: the defaults are waifu-2b's, down to the parameter (counts that fit the file
+    sizes in huggingface.co/AiArtLab/waifu-2b: 1,601,523,856 for the DiT = the 3.2 GB fp16 file; 558.84 M for
+    XLM-R-large without pooler; 81.72 M for the 16ch VAE without mid-block attention)."""
     from waifukit.sana import LinearDiTParams
     from waifukit.vae import AutoencoderKLParams
     from waifukit.xlmr import XLMRobertaParams

@@ -257,7 +257,7 @@ def test_bin_twins_are_never_unpickled_and_the_bn_counter_stays_int64(tmp_path, 
     prior_root, dec_root = build_prior_snapshot(tmp_path / "p"), build_decoder_snapshot(tmp_path / "d")
     for folder in (prior_root / "prior", dec_root / "decoder", dec_root / "vqgan"):
         assert (folder / "diffusion_pytorch_model.bin").is_file()
-    for root in (prior_root, dec_root):  # tokenizer/ as published: 5 files (F1/F2)
+    for root in (prior_root, dec_root):  # tokenizer/ as published: 5 files (both repos)
         assert sorted(p.name for p in (root / "tokenizer").iterdir()) == [
             "merges.txt", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.json"]
 
@@ -349,9 +349,9 @@ def test_shape_errors_are_clear(decoder_pair, prior_pair, vq_pair):
 
 
 # --- the published layouts at full size (meta device: no memory, no download) ---------------------------------
-# config.json files of warp-ai/wuerstchen-prior and warp-ai/wuerstchen (published_layouts.md F1/F2): the three
+# config.json files of huggingface.co/warp-ai/wuerstchen-prior and warp-ai/wuerstchen: the three
 # model configs verbatim from the Hub (184, 525 and 287 bytes as diffusers writes them); the two text encoder
-# configs carry the fields F1/F2 list (their exact bytes were not in the crawl).
+# configs carry the fields the Hub shows (their byte sizes are not asserted).
 PUBLISHED = {
     "prior": {"_class_name": "WuerstchenPrior", "_diffusers_version": "0.21.0.dev0", "c": 1536, "c_cond": 1280,
               "c_in": 16, "c_r": 64, "depth": 32, "dropout": 0.1, "nhead": 24},
@@ -374,7 +374,7 @@ PUBLISHED = {
                      "vocab_size": 49408, "projection_dim": 512, "bos_token_id": 0, "eos_token_id": 2,
                      "pad_token_id": 1, "torch_dtype": "float32"},
 }
-# Tensor elements of a full-size build (published_layouts.md F3; the fp32 file sizes confirm them).
+# Tensor elements of a full-size build (the published fp32 file sizes confirm them).
 PUBLISHED_PARAMS = {"prior": 993_636_896, "decoder": 1_055_365_280, "vqgan": 18_406_903,
                     "prior_text": 693_021_440, "decoder_text": 352_984_064}
 PUBLISHED_BYTES = {"prior": 184, "decoder": 525, "vqgan": 287}

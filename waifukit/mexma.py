@@ -5,7 +5,8 @@ resolver for every published layout.
 Provenance: the vision tower is written from the architecture of transformers' ``SiglipVisionModel``
 (transformers/models/siglip/modeling_siglip.py, read in 5.x): pre-LN ViT, gelu-tanh MLP, LayerNorm eps 1e-6,
 multi-head attention-pooling head over a learned probe; parameter names follow its state dict. The pooled
-text embedding follows the research note (section F): last_hidden_state[:, 0] (the ``<s>`` token) through
+text embedding follows ``encode_texts`` of huggingface.co/visheratin/mexma-siglip as the AiArtLab/sdxs model
+card calls it, with MEXMA's CLS pooling (facebook/MEXMA): last_hidden_state[:, 0] (the ``<s>`` token) through
 ``text_projector``, no L2 normalisation (SDXS feeds it unnormalised as a single cross-attention token).
 
 Layouts accepted by ``resolve_mexma``: the single visheratin file (``text_model.*``, ``text_projector.*``,

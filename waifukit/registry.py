@@ -59,7 +59,8 @@ def fetch_hint(model_id: str) -> str:
 
 FETCH_HINT = fetch_hint("waifu-2b")
 
-# Waifu trained on 64-px aspect buckets with sides 384..768 (research note C); offer every such size,
+# Waifu trained on 64-px aspect buckets with sides 384..768 (ASPECT_RATIO_512 in recoilme/waifu
+# diffusion/data/datasets/utils.py); offer every such size,
 # squarest first within each aspect ratio.
 BUCKET_SIDES = range(384, 769, 64)
 WAIFU_BUCKETS = sorted(((w, h) for w in BUCKET_SIDES for h in BUCKET_SIDES), key=lambda wh: (wh[0] / wh[1], wh[0]))

@@ -1,7 +1,9 @@
 """The Würstchen DDPM sampler (diffusers ``DDPMWuerstchenScheduler``, scaler 1, s 0.008), pure torch.
 
-Provenance: formulas from diffusers ``schedulers/scheduling_ddpm_wuerstchen.py`` and dome272's ``diffuzz``
-(research note section D), written here in the same float32 operation order so that a step is bit-identical.
+Provenance: formulas from diffusers ``schedulers/scheduling_ddpm_wuerstchen.py``
+(https://github.com/huggingface/diffusers/blob/main/src/diffusers/schedulers/scheduling_ddpm_wuerstchen.py)
+and dome272's ``diffuzz`` (https://github.com/dome272/Wuerstchen, diffuzz.py), written here in the same float32
+operation order so that a step is bit-identical.
 
 Noise: every stage draws from its own CPU ``torch.Generator`` seeded with the stage's seed, in the reference
 pipeline's order: the initial latent, then one draw per step (also the last, whose noise is multiplied by 0).

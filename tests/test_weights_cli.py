@@ -380,3 +380,53 @@ def test_huggingface_hub_path_against_loopback(server, tmp_path, comfy):
     for rel, body in FILES.items():
         assert dest(comfy, rel).read_bytes() == body
     assert not (comfy / "models" / ".waifu-download").exists()  # staging cleaned up
+
+
+def test_huggingface_hub_path_honours_retries_backoff_and_timeout(tmp_path, comfy, monkeypatch):
+    """--retries/--backoff/--timeout reach the huggingface_hub path: hf_hub_download (faked, no network) fails
+    twice and then succeeds; each call sees the --timeout as its read timeout and etag_timeout; waits follow
+    http_download's rule; huggingface_hub's own setting is restored afterwards."""
+    hf = pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+    before = constants.HF_HUB_DOWNLOAD_TIMEOUT, constants.HF_HUB_ETAG_TIMEOUT
+    calls, sleeps = [], []
+
+    def fake_download(repo_id, filename, *, revision=None, local_dir=None, endpoint=None, etag_timeout=None, **kw):
+        calls.append((constants.HF_HUB_DOWNLOAD_TIMEOUT, constants.HF_HUB_ETAG_TIMEOUT, etag_timeout))
+        if len(calls) <= 2:
+            raise hf.errors.LocalEntryNotFoundError("connection reset by peer")  # what a dropped Hub looks like
+        path = Path(local_dir) / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(FILES[filename])
+        return str(path)
+
+    monkeypatch.setattr(hf, "hf_hub_download", fake_download)
+    monkeypatch.setattr(weights.time, "sleep", sleeps.append)
+    manifest = write_manifest(tmp_path, {"model_index.json": FILES["model_index.json"]})
+    rc, out = run("fetch", "tiny", "--manifest", manifest, "--comfyui", comfy, "--retries", "2", "--timeout", "7",
+                  "--backoff", "3")
+    assert rc == 0, out
+    assert calls == [(7, 7, 7)] * 3
+    assert sleeps == [3, 6]  # backoff, doubled while attempts bring nothing (as http_download)
+    assert out.count("interrupted (LocalEntryNotFoundError: connection reset by peer); retrying") == 2
+    assert dest(comfy, "model_index.json").read_bytes() == FILES["model_index.json"]
+    assert (constants.HF_HUB_DOWNLOAD_TIMEOUT, constants.HF_HUB_ETAG_TIMEOUT) == before
+
+    # One retry fewer than needed: the file fails after retries + 1 attempts, nothing is placed.
+    calls.clear()
+    dest(comfy, "model_index.json").unlink()
+    rc, out = run("fetch", "tiny", "--manifest", manifest, "--comfyui", comfy, "--retries", "1", "--backoff", "0")
+    assert rc == 1 and len(calls) == 2 and "failed after 2 attempts" in out
+    assert not dest(comfy, "model_index.json").exists()
+
+
+def test_huggingface_hub_path_does_not_retry_a_missing_file(server, tmp_path, comfy, monkeypatch):
+    """A 404 from the Hub (wrong file name or revision) fails the same way every time: no retries."""
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(weights.time, "sleep", lambda s: pytest.fail("retried a 404"))
+    manifest = write_manifest(tmp_path, {"no/such/file.json": b"{}"})
+    rc, out = run("fetch", "tiny", "--manifest", manifest, "--comfyui", comfy, "--endpoint", server.url,
+                  "--timeout", "5")
+    assert rc == 1 and "huggingface_hub download failed:" in out and "attempts" not in out
+    assert "retrying" not in out
+    assert len([1 for m, p, _ in server.log if p.endswith("/no/such/file.json")]) == 1

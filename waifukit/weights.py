@@ -16,8 +16,10 @@ only when ``fetch`` is asked to. Standard library only (no torch import), so the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import http.client
+import importlib.util
 import json
 import os
 import shutil
@@ -216,6 +218,12 @@ class _Retry(Exception):
     pass
 
 
+def _retry_wait(backoff: float, stalls: int) -> float:
+    """Seconds to wait before the next attempt: ``backoff``, doubling with each attempt in a row that brought no
+    bytes, at most 30 s."""
+    return min(backoff * (2 ** max(stalls - 1, 0)), 30.0)
+
+
 def _content_range(value: Optional[str]) -> tuple[Optional[int], Optional[int]]:
     """'bytes 10-99/100' -> (10, 100); 'bytes */100' -> (None, 100)."""
     try:
@@ -306,7 +314,7 @@ def http_download(url: str, part: Path, expected_size: Optional[int], *, token: 
         if attempts > retries:
             raise WeightsError(f"{url}: download failed after {attempts} attempts ({reason}). The partial file "
                                f"{part} is kept: run fetch again to resume.")
-        wait = min(backoff * (2 ** max(stalls - 1, 0)), 30.0)  # back off only while no bytes arrive
+        wait = _retry_wait(backoff, stalls)  # back off only while no bytes arrive
         log(f"    interrupted ({reason}); retrying{f' in {wait:.0f}s' if wait >= 1 else ''}")
         time.sleep(wait)
 
@@ -319,14 +327,83 @@ def have_hf_hub() -> bool:
     return True
 
 
-def hf_hub_fetch(model: dict, f: dict, staging: Path, endpoint: Optional[str]) -> Path:
-    from huggingface_hub import hf_hub_download
+def hf_xet_in_use() -> bool:
+    """Whether huggingface_hub hands Xet-stored files to hf_xet (installed, not disabled by HF_HUB_DISABLE_XET):
+    those transfers run with hf_xet's own timeouts and retries, which --timeout does not reach."""
+    from huggingface_hub import constants
+    disabled = getattr(constants, "HF_HUB_DISABLE_XET", None)
+    if disabled is None:  # a huggingface_hub from before Xet storage
+        return False
+    return not disabled and importlib.util.find_spec("hf_xet") is not None
+
+
+@contextlib.contextmanager
+def _hf_timeout(timeout: float):
+    """huggingface_hub's download (read) timeout set to ``timeout`` for the calls inside, restored after.
+    huggingface_hub reads ``constants.HF_HUB_DOWNLOAD_TIMEOUT`` at call time (``http_get``); its metadata request
+    takes ``etag_timeout``, which ``$HF_HUB_ETAG_TIMEOUT`` overrides unless ``constants.HF_HUB_ETAG_TIMEOUT``
+    is set as well, so both are."""
+    from huggingface_hub import constants
+    saved = constants.HF_HUB_DOWNLOAD_TIMEOUT, constants.HF_HUB_ETAG_TIMEOUT
+    constants.HF_HUB_DOWNLOAD_TIMEOUT = constants.HF_HUB_ETAG_TIMEOUT = timeout
     try:
-        return Path(hf_hub_download(model["hf_repo"], f["path"], revision=model.get("revision") or None,
-                                    local_dir=str(staging), endpoint=endpoint))
-    except Exception as e:  # its errors are many classes; all mean the same thing to the user
-        raise WeightsError(f"{model['hf_repo']}/{f['path']}: huggingface_hub download failed: {e}. "
-                           "Try again (it resumes), or use --no-hf-hub for the built-in downloader.") from None
+        yield
+    finally:
+        constants.HF_HUB_DOWNLOAD_TIMEOUT, constants.HF_HUB_ETAG_TIMEOUT = saved
+
+
+def _causes(e: BaseException):
+    """``e`` and what it was raised from (huggingface_hub wraps a failed metadata request in
+    LocalEntryNotFoundError)."""
+    seen = []
+    while e is not None and e not in seen and len(seen) < 8:
+        seen.append(e)
+        e = e.__cause__
+    return seen
+
+
+def _hf_retryable(e: Exception) -> bool:
+    """False for what fails the same way next time: an HTTP 4xx other than 408/429 (gated, private, wrong
+    revision or file name), offline mode, a bad argument; looked for in ``e`` and what it was raised from."""
+    for c in _causes(e):
+        status = getattr(getattr(c, "response", None), "status_code", None)
+        if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
+            return False
+        if any(k.__name__ == "OfflineModeIsEnabled" for k in type(c).__mro__):
+            return False
+    return isinstance(e, OSError) or not isinstance(e, ValueError)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def hf_hub_fetch(model: dict, f: dict, staging: Path, endpoint: Optional[str], *, timeout: float = 60.0,
+                 retries: int = 10, backoff: float = 2.0, log=print) -> Path:
+    """``hf_hub_download`` into ``staging`` with at most ``retries`` retries, waiting as ``http_download`` does,
+    and ``timeout`` as its read and metadata timeout (see ``_hf_timeout``; not hf_xet's). huggingface_hub resumes a
+    dropped connection within one call; whether a failed call's partial file is reused depends on its version
+    (2.x discards it), so each failed attempt counts as one that brought no bytes."""
+    from huggingface_hub import hf_hub_download
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            with _hf_timeout(timeout):
+                return Path(hf_hub_download(model["hf_repo"], f["path"], revision=model.get("revision") or None,
+                                            local_dir=str(staging), endpoint=endpoint, etag_timeout=timeout))
+        except Exception as e:  # its errors are many classes; all mean the same thing to the user
+            if not _hf_retryable(e) or attempts > retries:
+                tried = f" after {attempts} attempts" if attempts > 1 else ""
+                cause = "".join(f" (from {_first_line(c)})" for c in _causes(e)[1:2])
+                raise WeightsError(f"{model['hf_repo']}/{f['path']}: huggingface_hub download failed{tried}: "
+                                   f"{e}{cause}. Run fetch again, or use --no-hf-hub for the built-in downloader "
+                                   "(it resumes from a .part file).") from None
+            reason = _first_line(e)
+        wait = _retry_wait(backoff, attempts)
+        log(f"    interrupted ({reason}); retrying{f' in {wait:.0f}s' if wait >= 1 else ''}")
+        time.sleep(wait)
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -377,6 +454,7 @@ def cmd_fetch(args, manifest: dict, out) -> int:
         raise WeightsError(f"{comfy}: no such ComfyUI folder. Pass --comfyui /path/to/ComfyUI (or set COMFYUI_PATH).")
     endpoint = args.endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
     use_hub = not args.no_hf_hub and have_hf_hub()
+    xet = use_hub and hf_xet_in_use()
     token = os.environ.get("HF_TOKEN") or None
     failures = 0
     for mid, model in _select(manifest, args.model).items():
@@ -387,8 +465,10 @@ def cmd_fetch(args, manifest: dict, out) -> int:
                 "read .pth/.ckpt with torch.load(weights_only=True)).")
             failures += 1
             continue
+        note = ("; --timeout does not reach hf_xet transfers (Xet-stored files): set HF_HUB_DISABLE_XET=1 or use "
+                "--no-hf-hub" if xet else "")
         out(f"{mid}: {model['hf_repo']}@{model.get('revision') or 'main'} -> {comfy / 'models' / model['comfy_folder']}"
-            f" ({'huggingface_hub' if use_hub else 'built-in HTTPS'} via {endpoint})")
+            f" ({'huggingface_hub' if use_hub else 'built-in HTTPS'} via {endpoint}{note})")
         staging = comfy / "models" / ".waifu-download" / mid
         for f in model["files"]:
             dest = dest_path(comfy, model, f)
@@ -402,7 +482,8 @@ def cmd_fetch(args, manifest: dict, out) -> int:
                 f"{' B' if f.get('size') is not None else ''})")
             try:
                 if use_hub and not f.get("url"):
-                    staged = hf_hub_fetch(model, f, staging, args.endpoint or os.environ.get("HF_ENDPOINT"))
+                    staged = hf_hub_fetch(model, f, staging, args.endpoint or os.environ.get("HF_ENDPOINT"),
+                                          timeout=args.timeout, retries=args.retries, backoff=args.backoff, log=out)
                 else:
                     staged = part_path(dest)
                     http_download(file_url(endpoint, model, f), staged, f.get("size"),
@@ -427,7 +508,8 @@ def cmd_fetch(args, manifest: dict, out) -> int:
             except OSError:
                 pass
     if failures:
-        out(f"{failures} problem(s); rerun the same command to retry (downloads resume).")
+        out(f"{failures} problem(s); rerun the same command to retry (the built-in downloader resumes its .part "
+            "files).")
         return 1
     return 0
 
@@ -484,8 +566,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--endpoint", default=None, help=f"Hugging Face endpoint (default: $HF_ENDPOINT or {DEFAULT_ENDPOINT})")
     sp.add_argument("--no-hf-hub", action="store_true", help="use the built-in HTTPS downloader even if huggingface_hub is installed")
     sp.add_argument("--allow-pickle", action="store_true", help="allow .pth/.ckpt/.bin/.pt weight files")
-    sp.add_argument("--retries", type=int, default=10, help="retries per file within one run (default 10)")
-    sp.add_argument("--timeout", type=float, default=60.0, help="seconds without data before a retry (default 60)")
+    sp.add_argument("--retries", type=int, default=10,
+                    help="retries per file within one run, with either downloader (default 10); huggingface_hub "
+                         "also makes a few quick retries of its own inside each attempt")
+    sp.add_argument("--timeout", type=float, default=60.0,
+                    help="seconds without data before an attempt fails and is retried (default 60); with "
+                         "huggingface_hub, its HTTP read and metadata timeout, but not hf_xet's (Xet-stored files "
+                         "when hf_xet is installed: set HF_HUB_DISABLE_XET=1 or use --no-hf-hub)")
     sp.add_argument("--backoff", type=float, default=2.0, help=argparse.SUPPRESS)
     sp = sub.add_parser("verify", help="check presence, size and sha256; exit 1 on any problem")
     sp.add_argument("model", nargs="*")

@@ -84,3 +84,22 @@ def test_waifu_loader_names_a_unet():
     ref = diffusers.UNet2DConditionModel(**SDXS_LIKE)
     with pytest.raises(ValueError, match="a UNet"):
         to_sana_layout(ref.state_dict())
+
+
+def test_one_key_cross_attention_is_the_attention_written_out():
+    """SDXS cross-attends to one token (the pooled text vector): the shortcut (every query gets to_out(v)) equals
+    the attention computed in full; a second key takes the general path and moves the result (control)."""
+    import torch.nn.functional as F
+
+    from waifukit.ops import TorchOps
+    from waifukit.sdxs import Attention
+    g = torch.Generator().manual_seed(0)
+    att = randomize_(Attention(64, 4, 32, False, None, None, TorchOps), 1).eval()
+    x, ctx = torch.randn(2, 50, 64, generator=g), torch.randn(2, 1, 32, generator=g)
+    with torch.no_grad():
+        q, k, v = (t.view(2, -1, 4, 16).transpose(1, 2) for t in (att.to_q(x), att.to_k(ctx), att.to_v(ctx)))
+        full = att.to_out[0](F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 50, 64))
+        fast = att(x, ctx)
+        assert fast.shape == full.shape and max_rel_err(fast, full) <= 1e-6
+        two = torch.cat([ctx, torch.randn(2, 1, 32, generator=g)], dim=1)
+        assert max_rel_err(att(x, two), fast) > 1e-2

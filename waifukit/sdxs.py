@@ -280,6 +280,11 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([ops.Linear(dim, dim, bias=True, dtype=dtype, device=device)])
 
     def forward(self, x, context=None):
+        if context is not None and context.shape[1] == 1:
+            # One key (SDXS attends to the pooled text vector): softmax over a single score is exactly 1, so every
+            # query receives v and the query projection cannot matter. Same result without the per-token q
+            # projection, attention and output projection.
+            return self.to_out[0](self.to_v(context)).expand(-1, x.shape[1], -1)
         context = x if context is None else context
         b = x.shape[0]
         q, k, v = (t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)

@@ -1,7 +1,7 @@
 """Benchmark: the ReLU linear-attention core at Waifu's shape (70 heads x 32, batch 2 = one CFG step).
 
 Compares, on the same inputs and in the same run:
-  ours     waifukit.kernels.linear_attention (the default dispatch: Triton on CUDA, eager torch elsewhere), fed
+  ours     kernels.linear_attention (the default dispatch: Triton on CUDA, eager torch elsewhere), fed
            strided token-major views of one qkv buffer [B, N, 3C], as LinearSelfAttention does;
   eager    our pure-torch twin (GPU only, to show what the kernel buys);
   diffusers the math of diffusers' SanaLinearAttnProcessor2_0 re-implemented op for op (q, k, v from separate
@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from common import (Report, fresh_process_kib, load_note, min_median, parser, peak_alloc_bytes,  # noqa: E402
                     print_rss_growth, summary, time_gpu, time_interleaved, write_results)
-from waifukit import kernels  # noqa: E402
+import kernels  # noqa: E402  (this repository's kernels/: ROOT leads sys.path)
 
 HEAD_DIM = 32
 # Nominal HBM bandwidth (bytes/s) by device name; the measured copy bandwidth is printed as well.

@@ -21,8 +21,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from common import Report, load_note, min_median, parser, time_interleaved, write_results  # noqa: E402
-from waifukit.mexma import MexmaSigLIPText  # noqa: E402
-from waifukit.xlmr import XLMRobertaParams  # noqa: E402
+from waifukit.mexma.model import MexmaSigLIPText  # noqa: E402
+from waifukit.mexma.xlmr import XLMRobertaParams  # noqa: E402
 
 
 def ids_for(n: int, total: int, vocab: int, seed: int):

@@ -3,7 +3,7 @@ diffusers' SanaTransformer2DModel (same random weights, same inputs, measured in
 
 Rows:
   ours forward   LinearDiT.forward with the default kernel dispatch, same call as diffusers (512 padded text tokens)
-  ours step      one step of waifukit.fused.sample_flow_euler_fast: text K/V cached per image, text trimmed to the
+  ours step      one step of kernels.fused.sample_flow_euler_fast: text K/V cached per image, text trimmed to the
                  longest real prompt, sync-free fused CFG+Euler update
   diffusers      SanaTransformer2DModel.forward (+ the CFG combine and FlowMatchEulerDiscreteScheduler.step in the
                  20-step loop)
@@ -31,10 +31,10 @@ import torch  # noqa: E402
 
 from common import (Report, fresh_process_kib, load_note, min_median, parser, peak_alloc_bytes,  # noqa: E402
                     print_rss_growth, summary, time_gpu, time_interleaved, write_results)
-from waifukit import kernels  # noqa: E402
+import kernels  # noqa: E402  (this repository's kernels/: ROOT leads sys.path)
 from waifukit.flow import flow_sigmas  # noqa: E402
-from waifukit.fused import sample_flow_euler_fast  # noqa: E402
-from waifukit.sana import LinearDiT, LinearDiTParams, to_sana_layout  # noqa: E402
+from kernels.fused import sample_flow_euler_fast  # noqa: E402
+from waifukit.waifu.dit import LinearDiT, LinearDiTParams, to_sana_layout  # noqa: E402
 
 # Dense bf16 tensor-core peak by device name (FLOP/s).
 PEAK_BF16 = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12,
@@ -61,7 +61,7 @@ def build(full: bool, device, dtype, which=("ours", "diffusers")):
     models = {}
     if "ours" in which:
         sd = to_sana_layout(ref.state_dict())
-        ours = LinearDiT(LinearDiTParams.infer(sd)).eval()
+        ours = LinearDiT(LinearDiTParams.infer(sd), attention=kernels.linear_attention).eval()
         ours.load_state_dict(sd, strict=True)
         models["ours"] = ours.to(device=device, dtype=dtype)
     models["diffusers"] = ref.to(device=device, dtype=dtype) if "diffusers" in which else None

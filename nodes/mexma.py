@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..waifukit.mexma import PROMPT_FORMATS
+from ..waifukit.mexma.model import PROMPT_FORMATS
 from ..waifukit.registry import fetch_hint
 from . import mexma_host
 from .common import CATEGORY, DTYPE_INPUT, TEXT_DEVICE_INPUT, check_inputs, clean_text, model_file
@@ -56,7 +56,7 @@ class MexmaSigLIPLoader:
         return (mexma_host.load_text_encoder(_text_encoder_path(text_encoder_name), dtype, device=device),)
 
 
-# Widget label -> waifukit.mexma.PROMPT_FORMATS key (labels are what saved workflows store: never rename).
+# Widget label -> waifukit.mexma.model.PROMPT_FORMATS key (labels are what saved workflows store: never rename).
 PROMPT_FORMAT_CHOICES = dict(zip(("auto (each part for its model)", "lowercase + strip (Waifu)", "as typed (SDXS)"),
                                  PROMPT_FORMATS))
 PROMPT_FORMAT_AUTO = next(iter(PROMPT_FORMAT_CHOICES))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 
-from ..waifukit.mexma import (MISSING_PROJECTOR, MISSING_VISION, MexmaSigLIPText, SiglipVisionTower,
+from ..waifukit.mexma.model import (MISSING_PROJECTOR, MISSING_VISION, MexmaSigLIPText, SiglipVisionTower,
                               image_pixels, prompt_texts, resolve_mexma)
 from ..waifukit import loading
 from .common import pick_dtype
@@ -56,7 +56,7 @@ class MexmaTextEncoder:
         return hidden.float().to(out), mask.to(out), None if pooled is None else pooled.float().to(out)
 
     def encode_prompt(self, text: str, prompt_format: str = "auto", max_length: int = 512):
-        """One prompt, each part prepared for the model that reads it (waifukit.mexma.prompt_texts):
+        """One prompt, each part prepared for the model that reads it (waifukit.mexma.model.prompt_texts):
         (hidden [1,L,H], mask [1,L], pooled [1,D] or None)."""
         per_token, pooled_text = prompt_texts(text, prompt_format)
         hidden, mask, pooled = self.encode_full([per_token], max_length)

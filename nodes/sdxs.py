@@ -10,9 +10,9 @@ import torch
 
 from ..waifukit import ddpm, lora
 from ..waifukit.latents import batch_index_of, latent_mask
-from ..waifukit.mexma import MISSING_PROJECTOR
+from ..waifukit.mexma.model import MISSING_PROJECTOR
 from ..waifukit.registry import MODELS, fetch_hint
-from ..waifukit.sdxs import is_sdxs_snapshot
+from ..waifukit.sdxs.unet import is_sdxs_snapshot
 from . import mexma_host, sdxs_host, vae16_host, waifu_host
 from .common import (BATCH_SIZE_INPUT, CATEGORY, DENOISE_INPUT, DTYPE_INPUT, LATENT_IMAGE_INPUT, RAW_LATENT_TOOLTIP,
                      TEXT_DEVICE_INPUT, WEIGHT_DTYPE_INPUT, check_inputs, check_side, diffusers_folder, diffusers_folders,

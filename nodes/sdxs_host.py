@@ -17,8 +17,8 @@ import torch
 
 from ..waifukit import loading
 from ..waifukit.ddpm import DDPMParams, DiscreteSchedule
-from ..waifukit.mexma import MISSING_PROJECTOR
-from ..waifukit.sdxs import SDXSUNet, resolve_unet
+from ..waifukit.mexma.model import MISSING_PROJECTOR
+from ..waifukit.sdxs.unet import SDXSUNet, resolve_unet
 from .common import WEIGHT_DTYPES, param_count, pick_dtype
 from .vae16_host import Latent16
 from .core_api import BASE, EPS, V_PREDICTION, X0, BaseModel, ModelPatcher, ModelSamplingDiscrete, ModelType, mm

@@ -14,7 +14,7 @@ import torch
 
 from ..waifukit import loading
 from ..waifukit.preview import fit_latent_rgb
-from ..waifukit.vae import AutoencoderKL
+from ..waifukit.vae16.autoencoder import AutoencoderKL
 from .common import pick_dtype
 from .native_vae import WORKING_DTYPES, NativeVAE
 from .core_api import LatentFormat, folder_paths, mm

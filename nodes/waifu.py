@@ -10,7 +10,7 @@ import logging
 import torch
 
 from ..waifukit.flow import flow_sigmas
-from ..waifukit.fused import sample_flow_euler_fast
+from ..kernels.fused import sample_flow_euler_fast
 from ..waifukit.latents import batch_index_of, latent_mask, seeded_noise
 from ..waifukit.loading import is_waifu_snapshot
 from ..waifukit.registry import FETCH_HINT, MODELS, WAIFU_BUCKETS, bucket_label

@@ -4,16 +4,18 @@ it. ``LATENT["samples"]`` holds raw VAE latents; the 0.18215 scaling lives in th
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
 import torch
 
 
+from ..kernels import linear_attention
+from ..kernels.fused import token_mask
 from ..waifukit import loading, lora
 from ..waifukit.registry import MODELS
-from ..waifukit.fused import token_mask
-from ..waifukit.sana import LinearDiT
+from ..waifukit.waifu.dit import LinearDiT
 from .common import WEIGHT_DTYPES, param_count, pick_dtype
 from .vae16_host import Latent16
 from .core_api import BASE, BaseModel, CONDRegular, ModelPatcher, ModelType, load_lora, mm
@@ -55,7 +57,9 @@ class CONDTokens(CONDRegular):
 
 class WaifuDiT(BaseModel):
     def __init__(self, model_config, device=None):
-        super().__init__(model_config, ModelType.FLOW, device=device, unet_model=LinearDiT)
+        # The DiT calls the pack's kernels (Triton on CUDA, the tuned eager twin elsewhere) for its attention.
+        super().__init__(model_config, ModelType.FLOW, device=device,
+                         unet_model=functools.partial(LinearDiT, attention=linear_attention))
 
     def extra_conds(self, **kwargs):
         out = super().extra_conds(**kwargs)

@@ -13,7 +13,7 @@ import torch
 
 
 from ..waifukit.registry import MODELS, fetch_hint
-from ..waifukit.wuerstchen_sched import SCHEDULES, timesteps
+from ..waifukit.wuerstchen.sched import SCHEDULES, timesteps
 from . import wuerstchen_host as host
 from .common import CATEGORY, DTYPE_INPUT, check_inputs, check_side, clean_text, diffusers_folder, diffusers_folders, model_file
 from .core_api import folder_paths

@@ -17,13 +17,13 @@ from PIL import Image
 
 
 from ..waifukit import loading
-from ..waifukit.clip_text import CLIPTextModel, resolve_clip_text
-from ..waifukit.paella_vq import PaellaVQ, resolve_vqgan
+from ..waifukit.wuerstchen.clip_text import CLIPTextModel, resolve_clip_text
+from ..waifukit.wuerstchen.paella_vq import PaellaVQ, resolve_vqgan
 from ..waifukit.preview import fit_latent_rgb
 from ..waifukit.registry import fetch_hint
-from ..waifukit.wuerstchen_decoder import WuerstchenDiffNeXt, resolve_decoder
-from ..waifukit.wuerstchen_prior import WuerstchenPrior, resolve_prior
-from ..waifukit.wuerstchen_sched import WuerstchenDDPM, resolve_schedule, sample
+from ..waifukit.wuerstchen.decoder import WuerstchenDiffNeXt, resolve_decoder
+from ..waifukit.wuerstchen.prior import WuerstchenPrior, resolve_prior
+from ..waifukit.wuerstchen.sched import WuerstchenDDPM, resolve_schedule, sample
 from .common import param_count, pick_dtype
 from .native_vae import WORKING_DTYPES, NativeVAE
 from .core_api import LatentPreviewMethod, ModelPatcher, ProgressBar, cli_args, disable_weight_init, mm
@@ -177,7 +177,7 @@ def run_stage(stage: WuerstchenStage, shape, cond: torch.Tensor, uncond: torch.T
 
     def model_fn(x, r):
         mm.throw_exception_if_processing_interrupted()
-        # r stays fp32: the models embed it in fp32 (see waifukit.wuerstchen_common.r_embedding).
+        # r stays fp32: the models embed it in fp32 (see waifukit.wuerstchen.common.r_embedding).
         if effnet is None:
             return model(x.to(dtype), r, text)
         return model(x.to(dtype), r, effnet, text)

@@ -9,6 +9,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+# `kernels` is also the name of a Hugging Face package: fail early, in words, if the tests would exercise that one.
+import kernels  # noqa: E402
+
+if Path(kernels.__file__).resolve().parent != ROOT / "kernels":
+    raise RuntimeError(f"tests import `kernels` from {kernels.__file__}, not this repository's {ROOT / 'kernels'}; "
+                       "run pytest from the repository (its root leads sys.path)")
 
 _HOSTS = None
 

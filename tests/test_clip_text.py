@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from fixtures.clip_tokenizer import build_clip_tokenizer
 from fixtures.wuerstchen_snapshot import tiny_clip_text
 from helpers import max_rel_err
-from waifukit.clip_text import CLIPTextModel, CLIPTextParams, CLIPTokenizer, resolve_clip_text, to_native_layout
+from waifukit.wuerstchen.clip_text import CLIPTextModel, CLIPTextParams, CLIPTokenizer, resolve_clip_text, to_native_layout
 from waifukit.loading import CheckpointError
 
 BOUND = 1e-4

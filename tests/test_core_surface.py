@@ -25,7 +25,7 @@ def _surface_names() -> set[str]:
 
 def _pack_files():
     return [p for p in sorted((ROOT / "nodes").glob("*.py")) if p.name != "core_api.py"] + \
-        sorted((ROOT / "waifukit").rglob("*.py")) + [ROOT / "__init__.py"]
+        sorted((ROOT / "waifukit").rglob("*.py")) + sorted((ROOT / "kernels").rglob("*.py")) + [ROOT / "__init__.py"]
 
 
 def test_only_core_api_imports_core():

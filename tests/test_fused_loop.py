@@ -1,4 +1,4 @@
-"""The fast flow-Euler loop (waifukit.fused) against the eager sampler on the tiny Waifu snapshot, fp32 CPU.
+"""The fast flow-Euler loop (kernels.fused) against the eager sampler on the tiny Waifu snapshot, fp32 CPU.
 
 Tolerance: max relative error <= 1e-5 on the final latents (the paths differ only in summation order: trimmed
 text tokens in SDPA, fused CFG/Euler op)."""
@@ -9,10 +9,11 @@ import torch
 
 from fixtures.waifu_snapshot import build_waifu_snapshot
 from helpers import max_rel_err
-from waifukit import kernels, loading
+import kernels
+from waifukit import loading
 from waifukit.flow import flow_sigmas, initial_noise, sample_flow_euler
-from waifukit.fused import sample_flow_euler_fast, trim_padding
-from waifukit.sana import LinearDiT
+from kernels.fused import sample_flow_euler_fast, trim_padding
+from waifukit.waifu.dit import LinearDiT
 
 TOL = 1e-5
 
@@ -21,7 +22,7 @@ TOL = 1e-5
 def dit(tmp_path_factory):
     snap = build_waifu_snapshot(tmp_path_factory.mktemp("snap") / "waifu-2b")
     res = loading.resolve_linear_dit(snap)
-    model = LinearDiT(res.params, dtype=torch.float32).eval()
+    model = LinearDiT(res.params, dtype=torch.float32, attention=kernels.linear_attention).eval()
     loading.load_strict(model, res.state_dict, res.source)
     return model
 

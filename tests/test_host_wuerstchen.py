@@ -88,7 +88,7 @@ def test_nodes_registered_with_tooltips(host):
 ])
 def test_api_workflow_matches_diffusers_pipelines(host, reference, width, height, batch, c_cfg, b_steps, b_cfg,
                                                   schedule, c_steps):
-    from waifukit.wuerstchen_sched import timesteps
+    from waifukit.wuerstchen.sched import timesteps
     c = dict(width=width, height=height, batch_size=batch, seed=11, steps=c_steps, schedule=schedule, cfg=c_cfg)
     b = dict(seed=23, steps=b_steps, cfg=b_cfg)
     wf = workflow(c, b)
@@ -120,7 +120,7 @@ CONTROLS = {  # each input changed on its own, in the node's own widget
 def test_every_input_moves_the_image(host, reference):
     """The controls that prove the parity test can fail: each input changed alone moves our image by
     >= 5/255 mean (the parity bound is 1/255), and the base image matches the reference."""
-    from waifukit.wuerstchen_sched import timesteps
+    from waifukit.wuerstchen.sched import timesteps
     base = run_ok(host, workflow(BASE_C, BASE_B))[0].astype(np.float64)
     ref, _ = reference_images(reference, PROMPT, NEGATIVE, 128, 128, 1, 11, timesteps(29, "wuerstchen_default").tolist(),
                               4.0, 23, 12, 0.0)
@@ -146,7 +146,7 @@ def test_single_file_without_its_config_is_refused(host):
 
 def test_default_timesteps_are_diffusers_default():
     from diffusers.pipelines.deprecated.wuerstchen.pipeline_wuerstchen_prior import DEFAULT_STAGE_C_TIMESTEPS
-    from waifukit.wuerstchen_sched import timesteps
+    from waifukit.wuerstchen.sched import timesteps
     assert torch.equal(timesteps(API["5"]["inputs"]["steps"], API["5"]["inputs"]["schedule"]),
                        torch.Tensor(DEFAULT_STAGE_C_TIMESTEPS))
 

@@ -46,7 +46,7 @@ def test_non_object_config_reaches_the_user_named(tmp_path):
 
 def test_tokenizer_config_that_is_not_an_object(tmp_path):
     from fixtures.tiny_tokenizer import build_xlmr_tokenizer
-    from waifukit.tokenizer import XLMRTokenizer
+    from waifukit.mexma.tokenizer import XLMRTokenizer
     build_xlmr_tokenizer(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text("[]")
     with pytest.raises(ValueError, match="tokenizer_config.json.*holds a JSON list, not an object"):
@@ -85,12 +85,12 @@ def test_broken_pickle_says_download_again(tmp_path):
 
 
 def _resolvers():
-    from waifukit.clip_text import resolve_clip_text
-    from waifukit.mexma import resolve_mexma
-    from waifukit.paella_vq import resolve_vqgan
-    from waifukit.sdxs import resolve_unet
-    from waifukit.wuerstchen_decoder import resolve_decoder
-    from waifukit.wuerstchen_prior import resolve_prior
+    from waifukit.wuerstchen.clip_text import resolve_clip_text
+    from waifukit.mexma.model import resolve_mexma
+    from waifukit.wuerstchen.paella_vq import resolve_vqgan
+    from waifukit.sdxs.unet import resolve_unet
+    from waifukit.wuerstchen.decoder import resolve_decoder
+    from waifukit.wuerstchen.prior import resolve_prior
     return [("waifu-2b", loading.resolve_linear_dit), ("waifu-2b", loading.resolve_vae),
             ("sdxs", lambda p: loading.resolve_vae(p, fetch_hint("sdxs"))), ("sdxs", resolve_unet),
             ("mexma-siglip", resolve_mexma), ("wuerstchen-prior", resolve_prior), ("wuerstchen", resolve_decoder),

@@ -146,7 +146,7 @@ def fuse_like_peft(transformer, lora: dict, scale: float):
 def test_key_map_covers_every_diffusers_projection_and_names_the_rest():
     from fixtures.waifu_snapshot import tiny_transformer
     from waifukit.lora import key_map, unmatched
-    from waifukit.sana import LinearDiT, LinearDiTParams, to_sana_layout
+    from waifukit.waifu.dit import LinearDiT, LinearDiTParams, to_sana_layout
 
     ref = tiny_transformer()
     ours = to_sana_layout(ref.state_dict())

@@ -15,7 +15,7 @@ from fixtures.mexma_snapshot import (VISION, build_mexma_siglip, load_mexma_refe
                                      reference_encode_images, reference_encode_texts, reference_processor)
 from helpers import max_rel_err
 from waifukit.loading import CheckpointError, load_strict
-from waifukit.mexma import (MISSING_PROJECTOR, MexmaSigLIPText, SiglipImageProcessing, SiglipVisionTower,
+from waifukit.mexma.model import (MISSING_PROJECTOR, MexmaSigLIPText, SiglipImageProcessing, SiglipVisionTower,
                             image_pixels, resolve_mexma)
 
 pytest.importorskip("transformers")

@@ -50,7 +50,7 @@ def _decode_in_subprocess(tmp_path, tiled: bool):
 import json, resource, sys, torch, numpy as np
 sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
 from fixtures.waifu_snapshot import tiny_vae
-from waifukit.vae import AutoencoderKL, AutoencoderKLParams
+from waifukit.vae16.autoencoder import AutoencoderKL, AutoencoderKLParams
 from waifukit.tiling import decode_tiled
 ref = tiny_vae(3)
 vae = AutoencoderKL(AutoencoderKLParams.from_diffusers_config(ref.config)).eval()

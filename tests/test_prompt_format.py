@@ -7,7 +7,7 @@ two formats really give different token ids with the XLM-R-structured test token
 """
 import pytest
 
-from waifukit.mexma import PROMPT_FORMATS, prompt_texts
+from waifukit.mexma.model import PROMPT_FORMATS, prompt_texts
 
 PROMPT = "  A Girl with an Umbrella in the RAIN, Anime Style  "
 

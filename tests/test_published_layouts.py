@@ -46,32 +46,32 @@ def _mexma(p):
 
 
 def loading_mexma(p):
-    from waifukit.mexma import resolve_mexma
+    from waifukit.mexma.model import resolve_mexma
     return resolve_mexma(p)
 
 
 def _unet(p):
-    from waifukit.sdxs import resolve_unet
+    from waifukit.sdxs.unet import resolve_unet
     return resolve_unet(p)[1]
 
 
 def _clip(p):
-    from waifukit.clip_text import resolve_clip_text
+    from waifukit.wuerstchen.clip_text import resolve_clip_text
     return resolve_clip_text(p)[1]
 
 
 def _prior(p):
-    from waifukit.wuerstchen_prior import resolve_prior
+    from waifukit.wuerstchen.prior import resolve_prior
     return resolve_prior(p)[1]
 
 
 def _decoder(p):
-    from waifukit.wuerstchen_decoder import resolve_decoder
+    from waifukit.wuerstchen.decoder import resolve_decoder
     return resolve_decoder(p)[1]
 
 
 def _vqgan(p):
-    from waifukit.paella_vq import resolve_vqgan
+    from waifukit.wuerstchen.paella_vq import resolve_vqgan
     return resolve_vqgan(p)[1]
 
 
@@ -202,7 +202,7 @@ def test_waifu_text_encoder_fp32_under_fp16_name_with_pooler(tmp_path):
 
     from fixtures.waifu_snapshot import build_waifu_snapshot, load_reference, reference_encode
     from helpers import max_rel_err
-    from waifukit.mexma import MexmaSigLIPText
+    from waifukit.mexma.model import MexmaSigLIPText
     snap = build_waifu_snapshot(tmp_path / "waifu-2b", te_pooler=True)
     te_file = snap / "text_encoder" / "model.fp16.safetensors"
     with safe_open(str(te_file), "pt") as f:
@@ -372,9 +372,9 @@ def test_waifu_2b_full_size_resolves_from_headers(full_waifu):
     """A3-A7 at full size: the resolvers take the published configs and full-size key sets; our modules built
     from what they resolve have exactly the published keys and shapes; data dtypes are the files' (fp16, fp32
     text encoder despite its name). Nothing is allocated (peak RSS grows by far less than the 5.6 GB of data)."""
-    from waifukit.mexma import MexmaSigLIPText, resolve_mexma
-    from waifukit.sana import LinearDiT, LinearDiTParams, to_sana_layout
-    from waifukit.vae import AutoencoderKL
+    from waifukit.mexma.model import MexmaSigLIPText, resolve_mexma
+    from waifukit.waifu.dit import LinearDiT, LinearDiTParams, to_sana_layout
+    from waifukit.vae16.autoencoder import AutoencoderKL
     root, ref, sizes = full_waifu
     assert sizes == {"transformer": 3_203_047_712, "text_encoder": 2_235_363_328, "vae": 163_435_430}
     rss = _peak_rss_mb()
@@ -427,7 +427,7 @@ def test_waifu_2b_full_size_sharded_fp32(full_waifu, tmp_path):
     with loading.headers_only():
         res = loading.resolve_linear_dit(folder)
     _all_meta(res.state_dict, torch.float32)
-    from waifukit.sana import LinearDiT
+    from waifukit.waifu.dit import LinearDiT
     _same_layout(LinearDiT(res.params, device="meta"), res.state_dict)
 
 
@@ -436,7 +436,7 @@ def test_recoilme_pth_full_size_resolves(full_waifu, tmp_path):
     576-px pos_embed, epoch, numpy rng_state), its tensors on the meta device: resolved without a config, it infers the
     published architecture and our module has the same keys (the two dropped buffers aside)."""
     from fixtures.waifu_snapshot import save_sana_checkpoint
-    from waifukit.sana import LinearDiT
+    from waifukit.waifu.dit import LinearDiT
     root, ref, _ = full_waifu
     sd = sana_original_keys(ref["transformer"].state_dict())
     assert len(sd) == 318
@@ -460,7 +460,7 @@ def test_mexma_siglip_full_size_resolves(tmp_path, bias):
 
     from fixtures.mexma_snapshot import PUBLISHED_CONFIG, processor_config
     from fixtures.tiny_tokenizer import build_xlmr_tokenizer
-    from waifukit.mexma import MexmaSigLIPText, SiglipVisionTower, resolve_mexma
+    from waifukit.mexma.model import MexmaSigLIPText, SiglipVisionTower, resolve_mexma
     root = tmp_path / "mexma-siglip"
     build_xlmr_tokenizer(root)
     (root / "config.json").write_text(_dump(PUBLISHED_CONFIG))
@@ -498,7 +498,7 @@ def test_aura_16ch_vae_full_size_resolves(tmp_path):
     81,717,715 parameters (326.9 MB)."""
     from diffusers import AutoencoderKL as RefVAE
 
-    from waifukit.vae import AutoencoderKL
+    from waifukit.vae16.autoencoder import AutoencoderKL
     folder = tmp_path / "16ch-vae"
     folder.mkdir()
     (folder / "config.json").write_text(_dump(AURA_VAE))

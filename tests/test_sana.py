@@ -1,4 +1,4 @@
-"""Parity of waifukit.sana.LinearDiT with diffusers' SanaTransformer2DModel on a tiny random model,
+"""Parity of waifukit.waifu.dit.LinearDiT with diffusers' SanaTransformer2DModel on a tiny random model,
 through both the diffusers and the original-Sana key layouts."""
 import dataclasses
 
@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.helpers import max_rel_err, randomize_
-from waifukit.sana import LinearDiT, LinearDiTParams, detect_layout, linear_attention, to_sana_layout
+from waifukit.waifu.dit import LinearDiT, LinearDiTParams, detect_layout, relu_linear_attention, to_sana_layout
 
 # diffusers' SanaLinearAttnProcessor2_0 hard-codes the denominator eps to 1e-15
 # (original Sana blocks use 1e-8, our default).
@@ -187,14 +187,20 @@ def test_patch_multiple_required():
     assert model(torch.randn(1, 16, 8, 6), torch.tensor([500.0]), torch.randn(1, 3, 8)).shape == (1, 16, 8, 6)
 
 
-def test_linear_attention_matches_explicit():
+@pytest.mark.parametrize("which", ["model formula", "kernels eager twin"])
+def test_linear_attention_matches_explicit(which):
+    """The model's own formula and the pack's fast eager twin both equal the attention written out as a
+    (quadratic) matrix of ReLU scores; a changed eps moves it far past the bound (control)."""
+    import kernels
+    op = relu_linear_attention if which == "model formula" else kernels.linear_attention_eager
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 10, 3, 4, generator=g) for _ in range(3))
-    out = linear_attention(q, k, v, 1e-15)
     qr, kr = q.relu(), k.relu()
     w = torch.einsum("bnhd,bmhd->bhnm", qr, kr)               # un-normalised ReLU kernel
     ref = torch.einsum("bhnm,bmhe->bnhe", w, v) / (w.sum(-1).transpose(1, 2)[..., None] + 1e-15)
-    assert max_rel_err(out, ref) <= 1e-5
+    with torch.no_grad():
+        assert max_rel_err(op(q, k, v, 1e-15), ref) <= 1e-5
+        assert max_rel_err(op(q, k, v, 1.0), ref) > 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

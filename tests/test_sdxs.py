@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import max_rel_err, randomize_
-from waifukit.sdxs import SDXSUNet, SDXSUNetParams, to_native_layout
+from waifukit.sdxs.unet import SDXSUNet, SDXSUNetParams, to_native_layout
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -80,7 +80,7 @@ def test_wrong_family_weights_named():
 
 
 def test_waifu_loader_names_a_unet():
-    from waifukit.sana import to_sana_layout
+    from waifukit.waifu.dit import to_sana_layout
     ref = diffusers.UNet2DConditionModel(**SDXS_LIKE)
     with pytest.raises(ValueError, match="a UNet"):
         to_sana_layout(ref.state_dict())
@@ -92,7 +92,7 @@ def test_one_key_cross_attention_is_the_attention_written_out():
     import torch.nn.functional as F
 
     from waifukit.ops import TorchOps
-    from waifukit.sdxs import Attention
+    from waifukit.sdxs.unet import Attention
     g = torch.Generator().manual_seed(0)
     att = randomize_(Attention(64, 4, 32, False, None, None, TorchOps), 1).eval()
     x, ctx = torch.randn(2, 50, 64, generator=g), torch.randn(2, 1, 32, generator=g)

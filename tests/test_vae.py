@@ -1,4 +1,4 @@
-"""Parity of waifukit.vae.AutoencoderKL with diffusers AutoencoderKL on tiny random models.
+"""Parity of waifukit.vae16.autoencoder.AutoencoderKL with diffusers AutoencoderKL on tiny random models.
 
 Bound: max|ours - ref| / max|ref| <= 1e-4 in fp32 for decode, encode (posterior mean) and seeded sampling.
 """
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.helpers import max_rel_err, randomize_
-from waifukit.vae import AutoencoderKL, AutoencoderKLParams, check_latent_channels, to_native_layout
+from waifukit.vae16.autoencoder import AutoencoderKL, AutoencoderKLParams, check_latent_channels, to_native_layout
 
 diffusers = pytest.importorskip("diffusers")
 

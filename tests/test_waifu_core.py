@@ -11,10 +11,10 @@ from fixtures.waifu_snapshot import build_waifu_snapshot, load_reference, refere
 from helpers import max_rel_err
 from waifukit import loading
 from waifukit.flow import flow_sigmas, initial_noise, sample_flow_euler
-from waifukit.sana import LinearDiT, to_sana_layout
-from waifukit.vae import AutoencoderKL
-from waifukit.mexma import MexmaSigLIPText, resolve_mexma
-from waifukit.xlmr import XLMRobertaTextModel
+from waifukit.waifu.dit import LinearDiT, to_sana_layout
+from waifukit.vae16.autoencoder import AutoencoderKL
+from waifukit.mexma.model import MexmaSigLIPText, resolve_mexma
+from waifukit.mexma.xlmr import XLMRobertaTextModel
 
 MULTILINGUAL = ["Девушка с зонтиком под дождём", "一只可爱的猫在花园里", "桜の下で笑う少女", "A girl, Silver Hair  ", ""]
 
@@ -213,9 +213,9 @@ def test_full_size_architectures_have_the_published_parameter_counts():
     """Built on the meta device: the defaults are waifu-2b's, down to the parameter (counts that fit the file
     sizes in huggingface.co/AiArtLab/waifu-2b: 1,601,523,856 for the DiT = the 3.2 GB fp16 file; 558.84 M for
     XLM-R-large without pooler; 81.72 M for the 16ch VAE without mid-block attention)."""
-    from waifukit.sana import LinearDiTParams
-    from waifukit.vae import AutoencoderKLParams
-    from waifukit.xlmr import XLMRobertaParams
+    from waifukit.waifu.dit import LinearDiTParams
+    from waifukit.vae16.autoencoder import AutoencoderKLParams
+    from waifukit.mexma.xlmr import XLMRobertaParams
 
     def count(module):
         return sum(p.numel() for p in module.parameters())

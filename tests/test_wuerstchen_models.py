@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 from fixtures.wuerstchen_snapshot import tiny_decoder, tiny_prior, tiny_vqgan
 from helpers import max_rel_err
 from waifukit.loading import CheckpointError
-from waifukit.paella_vq import PaellaVQ, PaellaVQParams, resolve_vqgan
-from waifukit.wuerstchen_decoder import DiffNeXtParams, WuerstchenDiffNeXt, resolve_decoder
-from waifukit.wuerstchen_prior import WuerstchenPrior, WuerstchenPriorParams, resolve_prior
-from waifukit.wuerstchen_sched import WuerstchenDDPM, sample, timesteps
+from waifukit.wuerstchen.paella_vq import PaellaVQ, PaellaVQParams, resolve_vqgan
+from waifukit.wuerstchen.decoder import DiffNeXtParams, WuerstchenDiffNeXt, resolve_decoder
+from waifukit.wuerstchen.prior import WuerstchenPrior, WuerstchenPriorParams, resolve_prior
+from waifukit.wuerstchen.sched import WuerstchenDDPM, sample, timesteps
 
 BOUND = 1e-4
 
@@ -205,8 +205,8 @@ def test_snapshot_without_a_config_is_refused(tmp_path, missing):
     """Defect 6: a snapshot missing one of its config files used to load with guessed values (heads,
     activation, scale, pipeline constants, schedule). Now the missing file is named."""
     from fixtures.wuerstchen_snapshot import build_decoder_snapshot, build_prior_snapshot
-    from waifukit.clip_text import resolve_clip_text
-    from waifukit.wuerstchen_sched import resolve_schedule
+    from waifukit.wuerstchen.clip_text import resolve_clip_text
+    from waifukit.wuerstchen.sched import resolve_schedule
     root = (build_prior_snapshot if missing.startswith("prior") else build_decoder_snapshot)(tmp_path / "snap")
     loaders = [lambda: resolve_clip_text(root / "text_encoder"), lambda: resolve_schedule(root)]
     loaders += ([lambda: resolve_prior(root / "prior")] if (root / "prior").is_dir() else
@@ -231,7 +231,8 @@ def test_a_config_that_leaves_a_field_out_reads_as_the_reference():
     from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
     from transformers import CLIPTextConfig
 
-    from waifukit import clip_text, wuerstchen_prior
+    from waifukit.wuerstchen import clip_text
+    from waifukit.wuerstchen import prior as wuerstchen_prior
 
     def defaults(cls):
         return {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items()
@@ -315,7 +316,7 @@ def test_wrong_family_is_named(files, resolver, name, wanted):
 
 
 def test_clip_loader_rejects_diffusion_models(files):
-    from waifukit.clip_text import resolve_clip_text
+    from waifukit.wuerstchen.clip_text import resolve_clip_text
     for name, wanted in (("prior", "Stage C"), ("decoder", "Stage B"), ("vqgan", "VQGAN")):
         with pytest.raises(CheckpointError) as e:
             resolve_clip_text(files[name])
@@ -399,7 +400,7 @@ def test_published_layout_at_full_size_matches_the_reference_classes(tmp_path, n
     from transformers import CLIPTextConfig
     from transformers import CLIPTextModel as RefCLIP
 
-    from waifukit.clip_text import CLIPTextModel, CLIPTextParams, to_native_layout
+    from waifukit.wuerstchen.clip_text import CLIPTextModel, CLIPTextParams, to_native_layout
     from waifukit.loading import read_json
     path = _published_file(tmp_path, name)
     if name in PUBLISHED_BYTES:  # byte-exact rebuild of the Hub file
@@ -450,7 +451,7 @@ def test_the_reference_never_imports_this_package():
         tree = ast.parse((fixtures / name).read_text())
         modules = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-        assert not [m for m in modules if m.split(".")[0] in ("waifukit", "nodes")], (name, modules)
+        assert not [m for m in modules if m.split(".")[0] in ("waifukit", "nodes", "kernels")], (name, modules)
 
 
 def test_download_commands_skip_the_bin_twins_and_fetch_every_listed_file():

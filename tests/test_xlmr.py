@@ -11,8 +11,8 @@ import torch
 
 from tests.fixtures.tiny_tokenizer import build_xlmr_tokenizer
 from tests.helpers import max_rel_err, randomize_
-from waifukit.tokenizer import XLMRTokenizer
-from waifukit.xlmr import XLMRobertaParams, XLMRobertaTextModel, to_native_layout
+from waifukit.mexma.tokenizer import XLMRTokenizer
+from waifukit.mexma.xlmr import XLMRobertaParams, XLMRobertaTextModel, to_native_layout
 
 transformers = pytest.importorskip("transformers")
 

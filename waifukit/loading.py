@@ -271,7 +271,7 @@ class Resolved:
 
 
 def resolve_linear_dit(path: Path) -> Resolved:
-    from .sana import LinearDiTParams, to_sana_layout
+    from .waifu.dit import LinearDiTParams, to_sana_layout
     sd, cfg, weights = load_component(path, "transformer", FETCH_HINT)
     sd = convert_layout(to_sana_layout, sd, weights, "Waifu/Sana Linear DiT")
     if not cfg and weights.parent.name == "transformer" and (weights.parent.parent / "model_index.json").is_file():
@@ -313,7 +313,7 @@ def find_tokenizer(weights: Path) -> Path:
 
 def resolve_vae(path: Path, hint: str = FETCH_HINT) -> Resolved:
     """The 16-channel VAE; it ships in both waifu-2b and sdxs, so the caller's hint names which."""
-    from .vae import AutoencoderKLParams, check_latent_channels, to_native_layout
+    from .vae16.autoencoder import AutoencoderKLParams, check_latent_channels, to_native_layout
     sd, cfg, weights = load_component(path, "vae", hint)
     sd = convert_layout(to_native_layout, sd, weights, "16-channel AutoencoderKL VAE")
     try:

@@ -1,7 +1,7 @@
-"""LoRA key mapping for the Linear DiT (pure torch; the ComfyUI layer applies the patches).
+"""LoRA key mapping for the Linear DiT and the SDXS UNet (pure torch; the ComfyUI layer applies the patches).
 
 Our DiT keeps the original Sana key names with fused projections (``blocks.N.attn.qkv`` rows q|k|v,
-``blocks.N.cross_attn.kv_linear`` rows k|v; see waifukit/sana.py). LoRA files name modules in one of:
+``blocks.N.cross_attn.kv_linear`` rows k|v; see waifukit/waifu/dit.py). LoRA files name modules in one of:
 
 - diffusers / PEFT (``train_dreambooth_lora_sana.py``, SimpleTuner, ai-toolkit):
   ``transformer.transformer_blocks.N.attn1.to_q.lora_A.weight`` / ``lora_B``; the split q/k/v of a fused weight
@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from typing import Union
 
-from .sana import _DIFFUSERS_BLOCK_RENAMES, _DIFFUSERS_RENAMES
+from .waifu.dit import _DIFFUSERS_BLOCK_RENAMES, _DIFFUSERS_RENAMES
 
 PatchKey = Union[str, tuple]
 
@@ -81,7 +81,7 @@ def key_map(weight_shapes: dict) -> dict[str, PatchKey]:
 
 def unet_key_map(weight_shapes: dict) -> dict[str, PatchKey]:
     """LoRA module prefix -> patch key for the SDXS UNet, whose keys are diffusers' UNet2DConditionModel names
-    (waifukit/sdxs.py): PEFT ``unet.<module>``, kohya ``lora_unet_<module with _>``, ComfyUI
+    (waifukit/sdxs/unet.py): PEFT ``unet.<module>``, kohya ``lora_unet_<module with _>``, ComfyUI
     ``diffusion_model.<module>`` and the attention-processor names of diffusers' older ``load_attn_procs`` files
     (``<attn>.processor.to_q_lora.down.weight``, ``to_out_lora`` for ``to_out.0``)."""
     out: dict[str, PatchKey] = {}

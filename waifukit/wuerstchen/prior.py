@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .loading import CheckpointError, load_component
-from .ops import TorchOps
-from .registry import fetch_hint
-from .wuerstchen_common import (AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, describe_checkpoint,
+from ..loading import CheckpointError, load_component
+from ..ops import TorchOps
+from ..registry import fetch_hint
+from .common import (AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, describe_checkpoint,
                                 r_embedding, require_config, split_in_proj, strip_prefix, wrong_family)
 
 PRIOR_HINT = "Stage C is the prior/ folder of warp-ai/wuerstchen-prior. " + fetch_hint("wuerstchen-prior")
@@ -127,7 +127,7 @@ def resolve_prior(path: Path):
         if not (root / "model_index.json").is_file():
             raise CheckpointError(f"{root / 'model_index.json'} is missing: it holds the pipeline constants of this "
                                   f"snapshot. Download {CONFIG_SOURCE.split()[0]} model_index.json into {root}/ again.")
-        from .loading import read_json
+        from ..loading import read_json
         pipeline = read_json(root / "model_index.json")
     cfg = require_config(cfg, path, weights, "prior", "the attention head count (nhead)", CONFIG_SOURCE)
     try:

@@ -19,9 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
-from .kernels import linear_attention_eager
-from .ops import TorchOps, cast_like
+from ..ops import TorchOps, cast_like
 
 
 @dataclass
@@ -297,9 +295,19 @@ def to_sana_layout(sd: dict) -> dict:
 # Layers
 # ---------------------------------------------------------------------------------------------------
 
-# The eager ReLU linear attention (token-major [B, N, heads, dim], fp32 state) lives with its Triton twin in
-# waifukit.kernels; re-exported here under its historical name.
-linear_attention = linear_attention_eager
+def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """Sana's ReLU linear attention as the model defines it, written plainly (differentiable): token-major
+    [B, N, heads, dim] q, k, v in, the same shape out in q's dtype; state and divide in fp32, as in both reference
+    implementations: O_n = sum_m (relu(q_n) . relu(k_m)) v_m / (relu(q_n) . sum_m relu(k_m) + eps).
+
+    The model runs the op it was built with (``attention=``): the pack passes ``kernels.linear_attention``
+    (Triton on CUDA, a tuned eager twin elsewhere; inference only), tested against this one."""
+    dtype = q.dtype
+    q, k, v = (t.float().transpose(1, 2) for t in (q, k, v))       # [B, H, N, D]
+    q, k = q.clamp_min(0), k.clamp_min(0)
+    kv = k.transpose(-1, -2) @ v                                    # [B, H, D, D]
+    denominator = q @ k.sum(dim=2).unsqueeze(-1)                    # [B, H, N, 1]
+    return ((q @ kv) / (denominator + eps)).transpose(1, 2).contiguous().to(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -317,17 +325,20 @@ class RMSNorm(nn.Module):
 class LinearSelfAttention(nn.Module):
     """Sana LiteLA: fused qkv (no bias), ReLU linear attention, biased output projection."""
 
-    def __init__(self, hidden, heads, eps, dtype=None, device=None, operations=TorchOps):
+    def __init__(self, hidden, heads, eps, dtype=None, device=None, operations=TorchOps, attention=None):
         super().__init__()
         self.heads, self.eps = heads, eps
+        self.attention = attention or relu_linear_attention
         self.qkv = operations.Linear(hidden, 3 * hidden, bias=False, dtype=dtype, device=device)
         self.proj = operations.Linear(hidden, hidden, bias=True, dtype=dtype, device=device)
 
     def forward(self, x):
         B, N, C = x.shape
-        # Strided token-major views of the qkv output: no transposes; the dispatcher picks Triton on CUDA.
+        # Strided token-major views of the qkv output: no transposes.
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).unbind(2)
-        out = self.proj(kernels.linear_attention(q, k, v, self.eps).reshape(B, N, C))
+        # A fast op is for inference; when a gradient flows through attention, the plain formula runs.
+        attend = relu_linear_attention if q.requires_grad else self.attention
+        out = self.proj(attend(q, k, v, self.eps).reshape(B, N, C))
         if out.dtype == torch.float16:  # as upstream: keep fp16 finite
             out = out.clip(-65504, 65504)
         return out
@@ -391,11 +402,11 @@ class GLUMBConv(nn.Module):
 
 
 class SanaBlock(nn.Module):
-    def __init__(self, p: LinearDiTParams, dtype=None, device=None, operations=TorchOps):
+    def __init__(self, p: LinearDiTParams, dtype=None, device=None, operations=TorchOps, attention=None):
         super().__init__()
         H = p.hidden_size
         self.norm1 = operations.LayerNorm(H, elementwise_affine=False, eps=p.norm_eps, dtype=dtype, device=device)
-        self.attn = LinearSelfAttention(H, p.num_heads, p.linear_eps, dtype, device, operations)
+        self.attn = LinearSelfAttention(H, p.num_heads, p.linear_eps, dtype, device, operations, attention)
         self.cross_attn = CrossAttention(H, p.cross_num_heads, dtype, device, operations)
         self.norm2 = operations.LayerNorm(H, elementwise_affine=False, eps=p.norm_eps, dtype=dtype, device=device)
         self.mlp = GLUMBConv(H, p.mlp_hidden, dtype, device, operations)
@@ -487,9 +498,10 @@ class TextKV:
 
 
 class LinearDiT(nn.Module):
-    """Sana Linear DiT; ``forward`` returns the velocity prediction."""
+    """Sana Linear DiT; ``forward`` returns the velocity prediction. ``attention`` is the ReLU linear-attention op
+    the blocks call (default :func:`relu_linear_attention`; the pack's nodes pass ``kernels.linear_attention``)."""
 
-    def __init__(self, params: LinearDiTParams, dtype=None, device=None, operations=None):
+    def __init__(self, params: LinearDiTParams, dtype=None, device=None, operations=None, attention=None):
         super().__init__()
         ops = operations or TorchOps
         p = self.params = params
@@ -499,7 +511,7 @@ class LinearDiT(nn.Module):
         self.t_block = nn.Sequential(nn.SiLU(), ops.Linear(H, 6 * H, bias=True, dtype=dtype, device=device))
         self.y_embedder = _CaptionEmbedder(p.caption_channels, H, dtype, device, ops)
         self.attention_y_norm = RMSNorm(H, p.caption_norm_eps, dtype=dtype, device=device)
-        self.blocks = nn.ModuleList(SanaBlock(p, dtype, device, ops) for _ in range(p.depth))
+        self.blocks = nn.ModuleList(SanaBlock(p, dtype, device, ops, attention) for _ in range(p.depth))
         self.final_layer = _FinalLayer(H, p.out_channels * p.patch_size ** 2, 1e-6, dtype, device, ops)
 
     @property

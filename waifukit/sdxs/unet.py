@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import TorchOps
-from .registry import fetch_hint
+from ..ops import TorchOps
+from ..registry import fetch_hint
 
 
 @dataclass
@@ -555,8 +555,8 @@ def resolve_unet(path):
     The family is checked before the configs, so a wrong file is named as what it is."""
     from pathlib import Path
 
-    from . import loading
-    from .ddpm import DDPMParams
+    from .. import loading
+    from ..ddpm import DDPMParams
     path = Path(path)
     sd, cfg, weights = loading.load_component(path, "unet", fetch_hint("sdxs"))
     sd = loading.convert_layout(to_native_layout, sd, weights, "SDXS UNet (diffusers UNet2DConditionModel)")

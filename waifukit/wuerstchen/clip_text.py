@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .loading import CheckpointError, read_json
-from .ops import TorchOps
+from ..loading import CheckpointError, read_json
+from ..ops import TorchOps
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -167,7 +167,7 @@ def to_native_layout(sd: dict) -> dict:
             break
     sd = {k: v for k, v in sd.items() if not k.endswith("position_ids") and not k.startswith("text_projection")}
     if "embeddings.token_embedding.weight" not in sd or "encoder.layers.0.self_attn.q_proj.weight" not in sd:
-        from .wuerstchen_common import describe_checkpoint
+        from .common import describe_checkpoint
         raise ValueError(f"this is {describe_checkpoint(sd)}, not a transformers CLIP text model")
     return sd
 
@@ -272,13 +272,13 @@ def find_clip_tokenizer(weights: Path) -> Path:
 def resolve_clip_text(path: Path, tokenizer: Optional[Path] = None, hint: str = ""):
     """(params, state dict, weights file, tokenizer) for a text_encoder/ folder, a snapshot root or a file;
     ``hint``: where the snapshot it belongs to is published (registry.fetch_hint)."""
-    from .loading import load_component
+    from ..loading import load_component
     sd, cfg, weights = load_component(path, "text_encoder", hint)
     try:
         sd = to_native_layout(sd)
     except ValueError as e:
         raise CheckpointError(f"{weights}: {e}. Use the text_encoder/ of the same Würstchen snapshot.") from None
-    from .wuerstchen_common import require_config
+    from .common import require_config
     # Head count, activation and LayerNorm eps are not in the weights (bigG and ViT-H differ from OpenAI's).
     cfg = require_config(cfg, path, weights, "text_encoder", "the attention head count, activation and LayerNorm "
                          "eps", "the text_encoder/config.json of the same snapshot (warp-ai/wuerstchen-prior for "

@@ -194,7 +194,7 @@ def linear_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, e
 
 def cfg_euler_triton(x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, i: torch.Tensor, cfg: float,
                      want_x0: bool = False):
-    """Triton twin of :func:`waifukit.kernels.eager.cfg_euler` (one launch, sigma and index read on device)."""
+    """Triton twin of :func:`kernels.eager.cfg_euler` (one launch, sigma and index read on device)."""
     x = x.contiguous()
     v = v.contiguous()
     guided = v.shape[0] == 2 * x.shape[0]

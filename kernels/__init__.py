@@ -1,4 +1,6 @@
-"""Kernel dispatch: Triton on CUDA when importable, the eager torch twins everywhere else.
+"""The fast path behind LinearDiTSampler: kernel dispatch (Triton on CUDA when importable, the eager torch twins
+everywhere else) and, in ``kernels.fused``, the fused flow-Euler loop. Pure torch/triton, for inference; it imports
+no model code (the model receives ``linear_attention`` as its ``attention`` op).
 
 ``WAIFU_KERNELS`` (read at every call) picks the path:
   ``auto`` (default)  Triton for CUDA tensors if ``triton`` imports, else eager;
@@ -88,7 +90,8 @@ def _triton_cfg_euler(x, v, sigmas, i, cfg, want_x0):
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
     """ReLU linear attention on token-major [B, N, heads, dim] views (strided views of the qkv output are fine);
-    returns [B, N, heads, dim] in q's dtype. fp32 state and divide on both paths."""
+    returns [B, N, heads, dim] in q's dtype. fp32 state and divide on both paths. Inference only."""
+    eager.refuse_autograd(q, k, v)
     if q.shape[-1] not in TRITON_HEAD_DIMS:
         if kernel_mode() == "triton":
             raise RuntimeError(f"WAIFU_KERNELS=triton: the Triton linear-attention kernel takes head dims "

@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .loading import CheckpointError, load_component
-from .ops import TorchOps
-from .registry import fetch_hint
-from .wuerstchen_common import (AttnBlock, LayerNorm2d, ResBlockStageB, TimestepBlock, conv_transpose,
+from ..loading import CheckpointError, load_component
+from ..ops import TorchOps
+from ..registry import fetch_hint
+from .common import (AttnBlock, LayerNorm2d, ResBlockStageB, TimestepBlock, conv_transpose,
                                 describe_checkpoint, r_embedding, require_config, split_in_proj, strip_prefix,
                                 wrong_family)
 
@@ -216,7 +216,7 @@ def resolve_decoder(path: Path):
         if not (root / "model_index.json").is_file():
             raise CheckpointError(f"{root / 'model_index.json'} is missing: it holds the pipeline constants of this "
                                   f"snapshot. Download {CONFIG_SOURCE.split()[0]} model_index.json into {root}/ again.")
-        from .loading import read_json
+        from ..loading import read_json
         pipeline = read_json(root / "model_index.json")
     cfg = require_config(cfg, path, weights, "decoder", "the attention head counts (nhead) and the block pattern",
                          CONFIG_SOURCE)

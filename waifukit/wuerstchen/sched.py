@@ -41,7 +41,7 @@ def resolve_schedule(root) -> WuerstchenScheduleParams:
     ``root`` None (a single file) takes DDPMWuerstchenScheduler's defaults, which are the published values."""
     from pathlib import Path
 
-    from .loading import CheckpointError, read_json
+    from ..loading import CheckpointError, read_json
     if root is None:
         return WuerstchenScheduleParams()
     cfg = Path(root) / "scheduler" / "scheduler_config.json"

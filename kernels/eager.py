@@ -18,8 +18,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     matrix per head so numerator and denominator come out of one batched GEMM (Sana's pad trick, without
     materialising a padded V), and the divide writes straight into the token-major output."""
     B, N, H, D = q.shape
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _linear_attention_autograd(q, k, v, eps)
+    refuse_autograd(q, k, v)
     kh = _relu_head_major(k)
     vh = torch.empty(kh.shape, dtype=torch.float32, device=v.device)
     vh.copy_(v.transpose(1, 2))
@@ -34,6 +33,14 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     return out
 
 
+def refuse_autograd(*tensors: torch.Tensor) -> None:
+    """The kernels are for inference (out= ops and Triton launches have no autograd); a gradient through them is
+    refused in words instead of failing inside an op. LinearDiT runs its own plain formula when one flows."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError("kernels.linear_attention is inference-only (no autograd); for gradients use "
+                           "waifukit.waifu.dit.relu_linear_attention (LinearDiT switches to it by itself)")
+
+
 def _relu_head_major(t: torch.Tensor) -> torch.Tensor:
     """relu(t) as a contiguous fp32 [B, heads, N, dim] buffer, in one pass for fp32 input."""
     B, N, H, D = t.shape
@@ -44,17 +51,6 @@ def _relu_head_major(t: torch.Tensor) -> torch.Tensor:
         out.copy_(t.transpose(1, 2))
         out.clamp_min_(0)
     return out
-
-
-def _linear_attention_autograd(q, k, v, eps):
-    """Same math with differentiable ops only (out= ops do not support autograd)."""
-    dtype = q.dtype
-    q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
-    q, k = q.clamp_min(0), k.clamp_min(0)
-    state = torch.cat([torch.matmul(k.transpose(-1, -2), v), k.sum(2).unsqueeze(-1)], -1)
-    o = torch.matmul(q, state)
-    D = q.shape[-1]
-    return (o[..., :D] / (o[..., D:] + eps)).transpose(1, 2).contiguous().to(dtype)
 
 
 def cfg_euler(x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, i: torch.Tensor, cfg: float,

@@ -16,10 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .loading import CheckpointError, load_component
-from .ops import TorchOps, cast_like
-from .registry import fetch_hint
-from .wuerstchen_common import conv_transpose, describe_checkpoint, require_config, strip_prefix, wrong_family
+from ..loading import CheckpointError, load_component
+from ..ops import TorchOps, cast_like
+from ..registry import fetch_hint
+from .common import conv_transpose, describe_checkpoint, require_config, strip_prefix, wrong_family
 
 VQGAN_HINT = "Stage A is the vqgan/ folder of warp-ai/wuerstchen. " + fetch_hint("wuerstchen")
 

@@ -26,10 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import loading
-from .ops import TorchOps, cast_like
+from .. import loading
+from ..ops import TorchOps, cast_like
 from .xlmr import XLMRobertaParams, XLMRobertaTextModel, to_native_layout as xlmr_native
-from .registry import fetch_hint
+from ..registry import fetch_hint
 
 MISSING_PROJECTOR = ("missing projector weights: this MEXMA-SigLIP text encoder has no text_projector "
                      "(1024->1152), which SDXS conditions on. Load the full visheratin/mexma-siglip model.safetensors "

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .loading import CheckpointError
-from .ops import TorchOps, cast_like
+from ..loading import CheckpointError
+from ..ops import TorchOps, cast_like
 
 
 @dataclass
@@ -236,7 +236,7 @@ def require_config(cfg, path: Path, weights: Path, sub: str, missing_what: str, 
     guessed); ``source`` is the published file to copy (e.g. "warp-ai/wuerstchen decoder/config.json")."""
     if cfg is not None:
         return cfg
-    from .loading import read_json
+    from ..loading import read_json
     if Path(path).is_dir() or weights.parent.name == sub:
         # A snapshot folder that lost its config.json: the fix is to fetch that one file again.
         raise CheckpointError(f"{weights.parent / 'config.json'} is missing: {missing_what} are not stored in "

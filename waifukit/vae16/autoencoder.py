@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import TorchOps
+from ..ops import TorchOps
 
 # Every GroupNorm of this VAE (resnets, mid attention, conv_norm_out) uses this eps (diffusers passes
 # resnet_eps=1e-6 everywhere; LDM's Normalize is eps=1e-6 too).

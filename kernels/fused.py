@@ -7,7 +7,7 @@ What it does differently from the eager sampler (all exact, up to fp rounding or
 - padded text tokens after the last real token of the longest prompt in the batch are dropped (padded keys get a
   -10000 bias, i.e. a softmax weight of exactly 0 in fp32/bf16; a batch with an all-padding row is not trimmed);
 - sigma and the step index stay on the device; guidance + Euler update is one fused op
-  (``waifukit.kernels.cfg_euler``: Triton on CUDA, torch ops elsewhere);
+  (``kernels.cfg_euler``: Triton on CUDA, torch ops elsewhere);
 - optional ``torch.compile`` of the step and optional CUDA-graph capture of one step (CUDA, static shapes; the
   model must be fully resident, i.e. not ComfyUI low-VRAM partial loading).
 """
@@ -17,8 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import kernels
-from .sana import LinearDiT
+from . import cfg_euler
 
 
 def _keep_len(mask: Optional[torch.Tensor]) -> Optional[int]:
@@ -70,7 +69,7 @@ def pad_tokens(context: torch.Tensor, mask: torch.Tensor, length: int):
     return context, torch.cat([mask, mask.new_zeros((mask.shape[0], extra))], dim=1)
 
 
-def sample_flow_euler_fast(dit: LinearDiT, x: torch.Tensor, sigmas: torch.Tensor,
+def sample_flow_euler_fast(dit: torch.nn.Module, x: torch.Tensor, sigmas: torch.Tensor,
                            cond: torch.Tensor, cond_mask: Optional[torch.Tensor],
                            uncond: Optional[torch.Tensor] = None, uncond_mask: Optional[torch.Tensor] = None,
                            cfg: float = 1.0,
@@ -83,7 +82,8 @@ def sample_flow_euler_fast(dit: LinearDiT, x: torch.Tensor, sigmas: torch.Tensor
     """Euler over ``sigmas`` from x at sigmas[0]; returns x (fp32) at sigmas[-1].
 
     Same arguments and semantics as :func:`waifukit.flow.sample_flow_euler`, with the model object instead of a
-    ``model_fn``: CFG as one [uncond, cond] batch, v = v_u + cfg (v_c - v_u), cfg == 1 skips the unconditional
+    ``model_fn`` (a ``waifukit.waifu.dit.LinearDiT``, used through ``encode_context``, ``dtype`` and
+    ``forward(..., kv_cache=)``: this package imports no model code): CFG as one [uncond, cond] batch, v = v_u + cfg (v_c - v_u), cfg == 1 skips the unconditional
     half, state in fp32. ``callback(i, x0_estimate, x_next)`` and ``interrupt()`` (which may raise to stop) run every
     step. ``dtype`` is the model's compute dtype (default: the weights' dtype); inputs are cast to it like the
     ComfyUI node's ``model_fn`` does. ``cuda_graph`` is ignored off CUDA.
@@ -134,8 +134,8 @@ def sample_flow_euler_fast(dit: LinearDiT, x: torch.Tensor, sigmas: torch.Tensor
             t = (s * timestep_scale).expand(batch)
             v = dit(x_in.to(dtype), t, None, kv_cache=cache)
             if inpaint is None:
-                return kernels.cfg_euler(x_cur, v, sig, i, cfg, want_x0)
-            _, x0 = kernels.cfg_euler(x_model, v, sig, i, cfg, True)
+                return cfg_euler(x_cur, v, sig, i, cfg, want_x0)
+            _, x0 = cfg_euler(x_model, v, sig, i, cfg, True)
             x0 = x0 * inp_mask + inp_latent * keep
             # k-diffusion's Euler: d = (x - x0) / sigma on the loop state, not on the blended model input.
             x_next = x_cur + (x_cur - x0) / s * (sig.index_select(0, i + 1) - s)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import TorchOps
+from ..ops import TorchOps
 
 
 @dataclass

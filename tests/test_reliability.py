@@ -561,8 +561,10 @@ def test_interrupt_in_every_sampler_keeps_the_queue(server):
         honoured += 1
         lines.append(f"{family}/{node}: interrupt sent at step {sent_at}, last step reported {last} "
                      f"(+{after}), {len(rest)} queued prompts after it completed")
-        # The interrupt is checked every step; a step or two may already be on the wire when it lands.
-        assert after <= 2, lines[-1]
+        # The interrupt is checked every step: it lands within the steps that run while the client sees step k
+        # and posts /interrupt. A tiny Stage C step takes ~1-2 ms, so on a loaded 2-core box that round trip is a
+        # few steps (+4 seen in CI); checked only between nodes, all ~1000 steps would run.
+        assert after <= 25, lines[-1]
     server.stats["interrupts"] = f"{honoured}/{len(INTERRUPTS)}"
     print("\n" + "\n".join(lines))
 

@@ -218,10 +218,12 @@ class _Retry(Exception):
     pass
 
 
-def _retry_wait(backoff: float, stalls: int) -> float:
-    """Seconds to wait before the next attempt: ``backoff``, doubling with each attempt in a row that brought no
-    bytes, at most 30 s."""
-    return min(backoff * (2 ** max(stalls - 1, 0)), 30.0)
+def _back_off(reason: str, backoff: float, stalls: int, log) -> None:
+    """Say why an attempt failed and wait before the next one: ``backoff`` seconds, doubling with each attempt in
+    a row that brought no bytes, at most 30 s."""
+    wait = min(backoff * (2 ** max(stalls - 1, 0)), 30.0)
+    log(f"    interrupted ({reason}); retrying{f' in {wait:.0f}s' if wait >= 1 else ''}")
+    time.sleep(wait)
 
 
 def _content_range(value: Optional[str]) -> tuple[Optional[int], Optional[int]]:
@@ -314,9 +316,7 @@ def http_download(url: str, part: Path, expected_size: Optional[int], *, token: 
         if attempts > retries:
             raise WeightsError(f"{url}: download failed after {attempts} attempts ({reason}). The partial file "
                                f"{part} is kept: run fetch again to resume.")
-        wait = _retry_wait(backoff, stalls)  # back off only while no bytes arrive
-        log(f"    interrupted ({reason}); retrying{f' in {wait:.0f}s' if wait >= 1 else ''}")
-        time.sleep(wait)
+        _back_off(reason, backoff, stalls, log)  # longer waits only while no bytes arrive
 
 
 def have_hf_hub() -> bool:
@@ -401,9 +401,7 @@ def hf_hub_fetch(model: dict, f: dict, staging: Path, endpoint: Optional[str], *
                                    f"{e}{cause}. Run fetch again, or use --no-hf-hub for the built-in downloader "
                                    "(it resumes from a .part file).") from None
             reason = _first_line(e)
-        wait = _retry_wait(backoff, attempts)
-        log(f"    interrupted ({reason}); retrying{f' in {wait:.0f}s' if wait >= 1 else ''}")
-        time.sleep(wait)
+        _back_off(reason, backoff, attempts, log)
 
 
 # ----------------------------------------------------------------------------------------------- commands

@@ -90,8 +90,8 @@ def _triton_cfg_euler(x, v, sigmas, i, cfg, want_x0):
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
     """ReLU linear attention on token-major [B, N, heads, dim] views (strided views of the qkv output are fine);
-    returns [B, N, heads, dim] in q's dtype. fp32 state and divide on both paths. Inference only."""
-    eager.refuse_autograd(q, k, v)
+    returns [B, N, heads, dim] in q's dtype. fp32 state and divide on both paths. Inference only (the eager twin
+    refuses a gradient itself; the Triton path is checked here)."""
     if q.shape[-1] not in TRITON_HEAD_DIMS:
         if kernel_mode() == "triton":
             raise RuntimeError(f"WAIFU_KERNELS=triton: the Triton linear-attention kernel takes head dims "
@@ -99,6 +99,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
                                "WAIFU_KERNELS=auto to run the eager kernel for it.")
         return linear_attention_eager(q, k, v, eps)
     if use_triton(q.device):
+        eager.refuse_autograd(q, k, v)
         return _guarded(lambda: _triton_linear_attention(q, k, v, eps), lambda: linear_attention_eager(q, k, v, eps))
     return linear_attention_eager(q, k, v, eps)
 

@@ -181,41 +181,59 @@ def test_unsupported_patch_warns_once_and_is_honoured(host):
     far(run_ok(host, decode_to_save(wf, "4"))[0], mine)
 
 
+def _fp8_bytes_snippet(module: str, loader: str, root: Path) -> str:
+    """In-process code that loads ``root`` with each weight_dtype through ``<module>.<loader>`` (bf16 compute) and
+    prints the resident weight bytes, then a 'RATIO' line (fp8 e4m3fn and e5m2 against default)."""
+    return f"""
+from pathlib import Path
+from waifu_pack.nodes import {module}
+root = Path({str(root)!r})
+size = {{}}
+for wd in ("default", "fp8_e4m3fn", "fp8_e5m2"):
+    m = {module}.{loader}(root, "bf16", weight_dtype=wd)
+    net = m.model.diffusion_model
+    size[wd] = sum(p.numel() * p.element_size() for p in net.parameters())
+    print(wd, size[wd], sorted({{str(p.dtype) for p in net.parameters()}}), m.model.manual_cast_dtype)
+print("RATIO", size["fp8_e4m3fn"] / size["default"], size["fp8_e5m2"] / size["default"])
+"""
+
+
+def _figures(out: str, tag: str) -> list[float]:
+    """The numbers on the line of ``out`` that starts with ``tag``."""
+    return [float(x) for x in next(line for line in out.splitlines() if line.startswith(tag)).split()[1:]]
+
+
+def _fp8_image_near_bf16(host, family: str, bounds, control: float):
+    """The family's example graph (4 steps) with bf16 weights, then with each (weight_dtype, bound) of ``bounds``:
+    the mean abs pixel difference against bf16 (/255) stays within the bound. Control: another seed moves the
+    image by at least ``control``."""
+    wf = base_graph(family)
+    wf["1"]["inputs"]["dtype"] = "bf16"
+    wf["4"]["inputs"].update(seed=9, steps=4)
+    bf16 = run_ok(host, wf)[0]
+    for wd, bound in bounds:
+        wf["1"]["inputs"]["weight_dtype"] = wd
+        fp8 = run_ok(host, wf)[0]
+        diff = np.abs(fp8.astype(np.float64) - bf16.astype(np.float64))
+        print(f"{family} {wd} vs bf16: mean {diff.mean():.3f}/255, max {diff.max():.0f}/255")
+        assert diff.mean() <= bound
+    wf["4"]["inputs"]["seed"] = 10
+    far(run_ok(host, wf)[0], fp8, at_least=control)
+
+
 def test_fp8_weight_storage_bytes_and_image(host, comfy_host):
     """weight_dtype fp8 (appended optional input, as ComfyUI's UNETLoader) halves the DiT's resident weight
     bytes against bf16 and keeps the image close to the bf16 one (bound stated below; the tiny random model is
     more sensitive than a trained one). Control: another seed is far past the bound."""
     from test_host_inprocess import run
 
-    out = run(comfy_host, f"""
-from pathlib import Path
-from waifu_pack.nodes import waifu_host
-root = Path({str(host.models / "diffusers" / "waifu-2b")!r})
-size = {{}}
-for wd in ("default", "fp8_e4m3fn", "fp8_e5m2"):
-    m = waifu_host.load_dit(root, "bf16", weight_dtype=wd)
-    dit = m.model.diffusion_model
-    size[wd] = sum(p.numel() * p.element_size() for p in dit.parameters())
-    print(wd, size[wd], sorted({{str(p.dtype) for p in dit.parameters()}}), m.model.manual_cast_dtype)
-print("RATIO", size["fp8_e4m3fn"] / size["default"], size["fp8_e5m2"] / size["default"])
-""")
+    out = run(comfy_host, _fp8_bytes_snippet("waifu_host", "load_dit", host.models / "diffusers" / "waifu-2b"))
     print(out)
-    ratio = [float(x) for x in next(line for line in out.splitlines() if line.startswith("RATIO")).split()[1:]]
+    ratio = _figures(out, "RATIO")
     assert ratio[0] == ratio[1] == 0.5
-    wf = base_graph("waifu")
-    wf["1"]["inputs"]["dtype"] = "bf16"
-    wf["4"]["inputs"].update(seed=9, steps=4)
-    bf16 = run_ok(host, wf)[0]
     # Mean abs pixel difference against bf16 weights (both computed in fp32 on CPU), in /255: fp8 keeps 3
     # (e4m3) or 2 (e5m2) mantissa bits, a visible but small change; measured 4.7 and 7.6 on the tiny model.
-    for wd, bound in (("fp8_e4m3fn", 6.0), ("fp8_e5m2", 10.0)):
-        wf["1"]["inputs"]["weight_dtype"] = wd
-        fp8 = run_ok(host, wf)[0]
-        diff = np.abs(fp8.astype(np.float64) - bf16.astype(np.float64))
-        print(f"{wd} vs bf16: mean {diff.mean():.3f}/255, max {diff.max():.0f}/255")
-        assert diff.mean() <= bound
-    wf["4"]["inputs"]["seed"] = 10
-    far(run_ok(host, wf)[0], fp8, at_least=16.0)
+    _fp8_image_near_bf16(host, "waifu", (("fp8_e4m3fn", 6.0), ("fp8_e5m2", 10.0)), control=16.0)
 
 
 def test_sdxs_fp8_weight_storage_bytes_and_image(host, comfy_host):
@@ -224,17 +242,8 @@ def test_sdxs_fp8_weight_storage_bytes_and_image(host, comfy_host):
     Control: another seed is far past the bound."""
     from test_host_inprocess import run
 
-    out = run(comfy_host, f"""
-from pathlib import Path
-from waifu_pack.nodes import sdxs_host
-root = Path({str(host.models / "diffusers" / "sdxs")!r})
-size = {{}}
-for wd in ("default", "fp8_e4m3fn", "fp8_e5m2"):
-    m = sdxs_host.load_unet(root, "bf16", weight_dtype=wd)
-    unet = m.model.diffusion_model
-    size[wd] = sum(p.numel() * p.element_size() for p in unet.parameters())
-    print(wd, size[wd], sorted({{str(p.dtype) for p in unet.parameters()}}), m.model.manual_cast_dtype)
-print("RATIO", size["fp8_e4m3fn"] / size["default"], size["fp8_e5m2"] / size["default"])
+    root = host.models / "diffusers" / "sdxs"
+    out = run(comfy_host, _fp8_bytes_snippet("sdxs_host", "load_unet", root) + f"""
 # What fp8 storage computes: the fp32 UNet with each weight rounded to fp8, run in fp32 (comfy.ops casts per layer).
 import torch
 ref = sdxs_host.load_unet(root, "fp32").model.diffusion_model
@@ -251,22 +260,11 @@ with torch.no_grad():
 print("ROUNDED", (ours - rounded).abs().max().item(), (ours - plain).abs().max().item())
 """)
     print(out)
-    ratio = [float(x) for x in next(line for line in out.splitlines() if line.startswith("RATIO")).split()[1:]]
+    ratio = _figures(out, "RATIO")
     assert ratio[0] == ratio[1] == 0.5
-    err, moved = [float(x) for x in next(line for line in out.splitlines() if line.startswith("ROUNDED")).split()[1:]]
+    err, moved = _figures(out, "ROUNDED")
     assert err <= 1e-4 and moved > 100 * err  # control: the rounding itself moves the output far more
-    wf = base_graph("sdxs")
-    wf["1"]["inputs"]["dtype"] = "bf16"
-    wf["4"]["inputs"].update(seed=9, steps=4)
-    bf16 = run_ok(host, wf)[0]
     # Mean abs pixel difference against bf16 weights, in /255: measured 12.8 (e4m3fn) and 14.0 (e5m2) on the tiny
     # random UNet over 4 DDIM steps (bf16 against fp32 weights already moves it 2.5); the rounding itself is
     # pinned exactly above, so these bounds only hold the figure (~30% headroom).
-    for wd, bound in (("fp8_e4m3fn", 17.0), ("fp8_e5m2", 19.0)):
-        wf["1"]["inputs"]["weight_dtype"] = wd
-        fp8 = run_ok(host, wf)[0]
-        diff = np.abs(fp8.astype(np.float64) - bf16.astype(np.float64))
-        print(f"sdxs {wd} vs bf16: mean {diff.mean():.3f}/255, max {diff.max():.0f}/255")
-        assert diff.mean() <= bound
-    wf["4"]["inputs"]["seed"] = 10
-    far(run_ok(host, wf)[0], fp8, at_least=40.0)
+    _fp8_image_near_bf16(host, "sdxs", (("fp8_e4m3fn", 17.0), ("fp8_e5m2", 19.0)), control=40.0)
